@@ -1,0 +1,150 @@
+"""Reward sources: anything that maps (prompt, response) pairs to scores.
+
+One small interface, :class:`RewardSource`: ``source(prompts, responses) -> Tensor (N,)`` where a
+prompt is a list of chat messages and a response a string. Trainers and evaluators take any
+source and never ask which kind it is:
+
+- :class:`RewardModel`: a trained scalar-head model (``alignkit rm``), centred and scaled;
+- :class:`FunctionReward`: any Python function ``f(prompt, response) -> float``;
+- :class:`WeightedSum`: Σ_i w_i · r_i(x, y);
+- :class:`SafetyGated`: Llama 2's gating (§3.2.2, eq. 4): use the safety score when the prompt
+  is flagged unsafe or the safety score is below a threshold, else the helpfulness score;
+- :class:`Whitened` and :class:`Clipped`: normalise or bound any source's scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Messages = list[dict]
+
+
+class RewardSource:
+    """Base class: call with parallel lists of prompts (chat messages) and responses."""
+
+    name: str = "reward"
+
+    def __call__(self, prompts: Sequence[Messages], responses: Sequence[str]) -> Tensor:
+        raise NotImplementedError
+
+    def _check(self, prompts, responses) -> None:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{self.name}: {len(prompts)} prompts but {len(responses)} responses")
+
+
+class FunctionReward(RewardSource):
+    """Wraps ``fn(prompt_messages, response) -> float``."""
+
+    def __init__(self, fn: Callable[[Messages, str], float], name: str = "function"):
+        self.fn, self.name = fn, name
+
+    def __call__(self, prompts, responses):
+        self._check(prompts, responses)
+        return torch.tensor([float(self.fn(p, r)) for p, r in zip(prompts, responses)], dtype=torch.float32)
+
+
+class RewardModel(RewardSource):
+    """A saved scalar-head reward model; scores are ``(raw − reward_offset) · reward_scale``."""
+
+    def __init__(self, path_or_head, tokenizer=None, name: str = "reward_model", batch_size: int = 32,
+                 max_length: int = 512, max_prompt_length: int = 384, device: str | torch.device = "cpu"):
+        from alignkit.config import ModelConfig
+        from alignkit.models.heads import ScalarHead
+        from alignkit.models.loading import load_scalar_head_model, load_tokenizer
+
+        if isinstance(path_or_head, str):
+            self.head = ScalarHead(load_scalar_head_model(ModelConfig(path=path_or_head), trainable=False))
+            self.tokenizer = tokenizer or load_tokenizer(path_or_head)
+        else:
+            self.head, self.tokenizer = path_or_head, tokenizer
+        self.head.to(device).eval()
+        self.device = device
+        self.name, self.batch_size = name, batch_size
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses):
+        from alignkit.data import collate_rated, tokenize_rated
+        from alignkit.data.records import RatedExample
+        from alignkit.models.heads import reward_calibration, sequence_rewards
+
+        self._check(prompts, responses)
+        items = [
+            tokenize_rated(self.tokenizer, RatedExample(prompt=list(p), response=r, score=0.0),
+                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)[0]
+            for p, r in zip(prompts, responses)
+        ]
+        offset, scale = reward_calibration(self.head)
+        out = []
+        for i in range(0, len(items), self.batch_size):
+            batch = collate_rated(items[i : i + self.batch_size], self.tokenizer.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
+            out.append(((sequence_rewards(self.head, batch) - offset) * scale).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+class WeightedSum(RewardSource):
+    """r(x, y) = Σ_i w_i · r_i(x, y)."""
+
+    def __init__(self, sources: Sequence[tuple[RewardSource, float]], name: str = "weighted_sum"):
+        if not sources:
+            raise ValueError("WeightedSum needs at least one (source, weight)")
+        self.sources, self.name = list(sources), name
+
+    def __call__(self, prompts, responses):
+        self._check(prompts, responses)
+        return sum(w * s(prompts, responses) for s, w in self.sources)
+
+
+class SafetyGated(RewardSource):
+    """Llama 2's combination of a helpfulness and a safety reward (Touvron et al. 2023, eq. 4):
+
+        R_c(g | p) = R_s(g | p)   if is_safety(p) or R_s(g | p) < threshold
+                     R_h(g | p)   otherwise
+
+    ``is_unsafe_prompt(prompt_messages) -> bool`` flags prompts known to be adversarial (in Llama 2,
+    from the prompt set's safety tags); without it only the threshold gates.
+    """
+
+    def __init__(self, helpfulness: RewardSource, safety: RewardSource, threshold: float = 0.15,
+                 is_unsafe_prompt: Callable[[Messages], bool] | None = None, name: str = "safety_gated"):
+        self.helpfulness, self.safety, self.threshold = helpfulness, safety, threshold
+        self.is_unsafe_prompt, self.name = is_unsafe_prompt, name
+
+    def __call__(self, prompts, responses):
+        self._check(prompts, responses)
+        r_h = self.helpfulness(prompts, responses)
+        r_s = self.safety(prompts, responses)
+        flagged = torch.tensor([bool(self.is_unsafe_prompt(p)) if self.is_unsafe_prompt else False for p in prompts])
+        use_safety = flagged | (r_s < self.threshold)
+        return torch.where(use_safety, r_s, r_h)
+
+
+class Whitened(RewardSource):
+    """(r − μ) / σ with μ, σ fixed from a calibration set (``fit``) or passed in."""
+
+    def __init__(self, source: RewardSource, mean: float = 0.0, std: float = 1.0, name: str | None = None):
+        self.source, self.mean, self.std = source, mean, std
+        self.name = name or f"whitened({source.name})"
+
+    def fit(self, prompts, responses) -> Whitened:
+        r = self.source(prompts, responses)
+        self.mean, self.std = float(r.mean()), float(r.std().clamp_min(1e-6)) if len(r) > 1 else 1.0
+        return self
+
+    def __call__(self, prompts, responses):
+        return (self.source(prompts, responses) - self.mean) / self.std
+
+
+class Clipped(RewardSource):
+    """Scores clamped to [low, high], a guard against reward-model outliers in RL."""
+
+    def __init__(self, source: RewardSource, low: float = -10.0, high: float = 10.0):
+        self.source, self.low, self.high = source, low, high
+        self.name = f"clipped({source.name})"
+
+    def __call__(self, prompts, responses):
+        return self.source(prompts, responses).clamp(self.low, self.high)

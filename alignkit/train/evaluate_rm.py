@@ -1,0 +1,97 @@
+"""`alignkit eval-rm` (reward-model accuracy on comparisons) and `alignkit score` (score rows)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from alignkit.config import DataConfig, ModelConfig
+
+
+@dataclass
+class EvalRMConfig:
+    """`alignkit eval-rm`: accuracy of a reward model on a pairwise file, overall and per margin bucket."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The reward model directory (output of `alignkit rm`)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False))
+    """Comparisons to evaluate on (any pairwise format)."""
+    split_eval: bool = False
+    """Evaluate only the held-out part that `data.eval_fraction`/`eval_size` carves out (with `seed`), as `alignkit rm` did."""
+    seed: int = 0
+    """Seed of the shuffle that made the train/eval split (must match the one `alignkit rm` used)."""
+    batch_size: int = 16
+    """Pairs scored per forward pass."""
+    output: str = ""
+    """Write the metrics as JSON here (empty = print only)."""
+
+
+@dataclass
+class ScoreConfig:
+    """`alignkit score`: score (prompt, response) rows with a reward model; writes JSONL with a `score` field."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The reward model directory (output of `alignkit rm`)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, format="ratings"))
+    """Rows with `prompt` and `response` (a `score` field, if present, is ignored and kept as `label`)."""
+    batch_size: int = 32
+    """Rows scored per forward pass."""
+    output: str = "scores.jsonl"
+    """Output JSONL file: each input row's prompt and response with its `score`."""
+
+
+def run_eval_rm(cfg: EvalRMConfig) -> dict:
+    from alignkit.data import load_dataset_records, tokenize_records
+    from alignkit.data.formats import DEFAULT_MARGIN_LABELS
+    from alignkit.models.heads import ScalarHead
+    from alignkit.models.loading import load_scalar_head_model, load_tokenizer
+    from alignkit.train.rm import calibrated, pairwise_metrics, score_pairs
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    head = ScalarHead(load_scalar_head_model(cfg.model, trainable=False))
+    d = cfg.data
+    train, held, report = load_dataset_records(
+        d.path, format=None if d.format == "auto" else d.format, split=d.split, limit=d.limit or None,
+        shuffle=d.shuffle or cfg.split_eval, seed=cfg.seed,
+        eval_fraction=d.eval_fraction if cfg.split_eval else 0.0,
+        eval_size=(d.eval_size or None) if cfg.split_eval else None,
+        margin_labels=d.margin_labels or None, strict=d.strict,
+    )
+    records = held if cfg.split_eval else train
+    if cfg.split_eval and not records:
+        raise ValueError("eval-rm: split_eval=true but data.eval_fraction/eval_size leave no held-out pairs")
+    items, r2 = tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
+    report.merge(r2)
+    print(report.summary())
+    chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size)
+    chosen, rejected = calibrated(chosen, head), calibrated(rejected, head)
+    labels = {v: k for k, v in {**DEFAULT_MARGIN_LABELS, **(d.margin_labels or {})}.items()}
+    metrics = pairwise_metrics(chosen, rejected, [it["margin"] for it in items], labels)
+    print(json.dumps(metrics, indent=2))
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_score(cfg: ScoreConfig) -> Path:
+    from alignkit.data import load_dataset_records
+    from alignkit.rollout.rewards import RewardModel
+
+    rm = RewardModel(cfg.model.path, batch_size=cfg.batch_size,
+                     max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+    d = cfg.data
+    records, _, report = load_dataset_records(d.path, format=None if d.format == "auto" else d.format,
+                                              split=d.split, limit=d.limit or None, shuffle=False)
+    print(report.summary())
+    scores = rm([r.prompt for r in records], [r.response for r in records]) if records else torch.zeros(0)
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for r, s in zip(records, scores.tolist()):
+            f.write(json.dumps({"prompt": r.prompt, "response": r.response, "score": s, "label": r.score, "source": r.source}) + "\n")
+    print(f"[alignkit] wrote {len(records)} scores to {out} (mean {float(scores.mean()) if len(scores) else float('nan'):.4f})")
+    return out

@@ -1,0 +1,323 @@
+"""The one training loop every offline algorithm (SFT, reward models, DPO, KTO, ...) runs on.
+
+An algorithm hands the loop a :class:`Task`: tokenised items, a collate function, and a loss that
+returns the *sum* of its per-unit losses over a micro-batch (a unit is a token or a weighted
+sequence, as the algorithm defines it). The loop divides by the number of units in the whole
+global batch (all micro-batches of the step, all processes) before ``backward``, so the gradient
+equals the one of a single big batch however the batch is split over accumulation steps and
+processes (tested in ``tests/test_loop.py``).
+
+Engine: ``accelerate`` (DDP, FSDP or DeepSpeed from its config). Checkpoints hold model,
+optimizer, scheduler, RNG and the data position, and are written atomically (a temporary
+directory renamed into place), so ``run.resume=true`` continues a killed run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.config import OptimConfig, RunConfig, config_to_dict
+from alignkit.train.sampler import epoch_batches, make_units, split_batch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class Task:
+    """What an algorithm gives the shared loop."""
+
+    items: list[dict]
+    """Tokenised training items (see docs/CONTRACTS.md); each has a 'length' for bucketing."""
+    collate: Callable[[list[dict]], dict]
+    """Turns a list of items into a batch of tensors."""
+    loss: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+    """(model, batch) -> (sum of per-unit losses, metrics as batch means)."""
+    units: Callable[[dict], float]
+    """Number of loss units in a batch (response tokens, or the summed weights of sequences)."""
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    """(unwrapped model) -> held-out metrics; run every `run.eval_every` steps and at the end."""
+    groups: list[int] | None = None
+    """Per-item group ids (>= 0) whose items must share a micro-batch (ranked pairs)."""
+    name: str = "train"
+    """Stage name shown in the progress bar and logs."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns."""
+
+    steps: int
+    history: list[dict] = field(default_factory=list)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    tokens_per_s: float = 0.0
+    wall_s: float = 0.0
+
+
+def choose_mixed_precision(requested: str) -> tuple[str, str]:
+    """Pick the autocast dtype: (choice, reason). bf16 only where the hardware runs it fast."""
+    if requested != "auto":
+        return requested, "as configured"
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "CUDA device with native bf16"
+        return "no", "CUDA device without bf16: fp32 (fp16 needs loss scaling; opt in with mixed_precision=fp16)"
+    return "no", "CPU: fp32 (bf16 autocast on CPU is slower than fp32 for small models; opt in with mixed_precision=bf16)"
+
+
+def make_accelerator(run: RunConfig, grad_accum: int = 1):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    mp, why = choose_mixed_precision(run.mixed_precision)
+    trackers = []
+    for name in [n.strip() for n in run.report_to.split(",") if n.strip()]:
+        if name == "jsonl":
+            continue
+        if name == "tensorboard":
+            trackers.append("tensorboard")
+        elif name in ("wandb", "mlflow"):
+            import importlib.util
+
+            if importlib.util.find_spec(name) is None:
+                log.warning("report_to=%s but %s is not installed: skipped", name, name)
+                continue
+            trackers.append(name)
+        else:
+            raise ValueError(f"run.report_to: unknown logger {name!r}; use jsonl, tensorboard, wandb or mlflow")
+    acc = Accelerator(
+        mixed_precision=mp,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "tb")),
+    )
+    if acc.is_main_process:
+        print(f"[alignkit] device={acc.device} processes={acc.num_processes} mixed_precision={mp} ({why}); "
+              f"gradient_checkpointing={'on' if run.gradient_checkpointing else 'off'}"
+              f"{'' if run.gradient_checkpointing else ' (enable with run.gradient_checkpointing=true to save memory)'}")
+    return acc
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases: no weight decay
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.adam_betas)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    if optim.schedule not in names:
+        raise ValueError(f"optim.schedule must be one of {', '.join(names)}; got {optim.schedule!r}")
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    return get_scheduler(names[optim.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def count_tokens(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int(batch["input_ids"].numel())
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.exists():
+        return None
+    done = [p for p in root.glob("step-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+class Trainer:
+    """Runs a :class:`Task` on a model with accelerate. ``fit()`` returns a :class:`TrainResult`."""
+
+    def __init__(self, model: torch.nn.Module, task: Task, optim: OptimConfig, run: RunConfig, accelerator=None, config: Any = None):
+        self.task, self.optim, self.run = task, optim, run
+        self.acc = accelerator or make_accelerator(run)
+        self.config = config
+        if not task.items:
+            raise ValueError(f"{task.name}: no training examples left after reading and filtering the data")
+        world = self.acc.num_processes
+        # Examples (sampling units) per optimizer step, over all micro-batches and processes.
+        self.global_batch = optim.batch_size * optim.grad_accum * world
+        self.units = make_units(len(task.items), task.groups)
+        self.lengths = [it.get("length", 0) for it in task.items]
+        self.steps_per_epoch = math.ceil(len(self.units) / self.global_batch)
+        if optim.max_steps > 0:
+            self.total_steps = optim.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(optim.epochs * self.steps_per_epoch))
+        if run.gradient_checkpointing:
+            inner = getattr(model, "model", model)
+            if hasattr(inner, "gradient_checkpointing_enable"):
+                inner.gradient_checkpointing_enable()
+        optimizer = build_optimizer(model, optim)
+        scheduler = build_scheduler(optimizer, optim, self.total_steps)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # Not prepared: accelerate would step it once per process; total_steps already counts
+        # global optimizer steps. Registered so checkpoints still hold its state.
+        self.scheduler = scheduler
+        self.acc.register_for_checkpointing(scheduler)
+        self._epoch_cache: dict[int, list] = {}
+
+    # ---- data order ----------------------------------------------------------------------
+    def _micro_batches(self, step: int) -> list[list[int]]:
+        """This process's micro-batches (item indices) for optimizer step ``step`` of the run."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: epoch_batches(self.units, self.lengths, self.global_batch, self.run.seed, epoch)}
+        return split_batch(self._epoch_cache[epoch][k], self.optim.grad_accum, self.acc.process_index, self.acc.num_processes)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def _save_checkpoint(self, step: int) -> None:
+        root = Path(self.run.output_dir) / CHECKPOINT_DIR
+        final = root / f"step-{step}"
+        tmp = root / f".tmp-step-{step}"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "total_steps": self.total_steps}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+            old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in old[: max(0, len(old) - self.run.keep_checkpoints)]:
+                shutil.rmtree(p, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def _maybe_resume(self) -> int:
+        if not self.run.resume:
+            return 0
+        ckpt = latest_checkpoint(self.run.output_dir)
+        if ckpt is None:
+            if self.acc.is_main_process:
+                print(f"[alignkit] resume: no checkpoint in {self.run.output_dir}; starting from scratch")
+            return 0
+        self.acc.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(
+                f"resume: {ckpt} was written by a run of {state['total_steps']} steps but this run has "
+                f"{self.total_steps}; keep the same data, batch sizes and epochs/max_steps to resume"
+            )
+        if self.acc.is_main_process:
+            print(f"[alignkit] resumed from {ckpt} at step {state['step']}/{self.total_steps}")
+        return int(state["step"])
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to ``total_steps`` (or stop after ``stop_after`` steps, to simulate a kill in tests)."""
+        from alignkit.train.progress import Progress, MetricsWriter
+
+        acc, task = self.acc, self.task
+        start = self._maybe_resume()
+        writer = MetricsWriter(self.run, acc, self.config)
+        result = TrainResult(steps=start)
+        progress = Progress(task.name, self.total_steps, start, enabled=self.run.progress and acc.is_main_process)
+        t0, tokens = time.perf_counter(), 0
+        self.model.train()
+        for step in range(start, self.total_steps):
+            batches = [
+                _to_device(task.collate([task.items[i] for i in idx]), acc.device)
+                for idx in self._micro_batches(step)
+                if idx
+            ]
+            local_units = torch.tensor(sum(float(task.units(b)) for b in batches), device=acc.device)
+            # A short last batch can leave this process nothing; it still runs one forward/backward
+            # with zero weight so every process takes part in the gradient all-reduce.
+            idle = not batches
+            if idle:
+                batches = [_to_device(task.collate([task.items[0]]), acc.device)]
+            total_units = acc.reduce(local_units, reduction="sum").clamp_min(1e-8)
+            loss_total, metric_sums = torch.zeros((), device=acc.device), {}
+            for j, batch in enumerate(batches):
+                sync = acc.no_sync(self.model) if j < len(batches) - 1 else _null()
+                with sync, acc.autocast():
+                    loss_sum, metrics = task.loss(self.model, batch)
+                    # DDP averages gradients over processes, hence × num_processes: the result is
+                    # Σ(all units' losses) / (all units), the single-big-batch gradient.
+                    loss = loss_sum / total_units * acc.num_processes * (0.0 if idle else 1.0)
+                acc.backward(loss)
+                if idle:
+                    continue
+                loss_total += loss_sum.detach()
+                w = float(task.units(batch))
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * w
+                tokens += count_tokens(batch)
+            grad_norm = None
+            if self.optim.max_grad_norm > 0:
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            done = step + 1
+            loss_value = float(acc.reduce(loss_total, reduction="sum") / total_units)
+            row = {"step": done, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0]}
+            local_w = float(local_units) or 1.0
+            row.update({k: v / local_w for k, v in metric_sums.items()})
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            elapsed = time.perf_counter() - t0
+            row["tokens_per_s"] = tokens * acc.num_processes / max(elapsed, 1e-9)
+            if task.evaluate and self.run.eval_every and done % self.run.eval_every == 0 and done < self.total_steps:
+                row.update({f"eval/{k}": v for k, v in self._evaluate().items()})
+            if done % max(1, self.run.log_every) == 0 or done == self.total_steps:
+                writer.write(row, done)
+            result.history.append(row)
+            progress.update(done, loss_value, row["tokens_per_s"])
+            if self.run.save_every and done % self.run.save_every == 0 and done < self.total_steps:
+                self._save_checkpoint(done)
+            result.steps = done
+            if stop_after is not None and done >= stop_after:
+                break
+        progress.close()
+        if result.steps == self.total_steps and task.evaluate:
+            result.final_eval = self._evaluate()
+            writer.write({f"eval/{k}": v for k, v in result.final_eval.items()}, result.steps)
+        writer.close()
+        result.wall_s = time.perf_counter() - t0
+        result.tokens_per_s = tokens * acc.num_processes / max(result.wall_s, 1e-9)
+        return result
+
+    def _evaluate(self) -> dict[str, float]:
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = self.task.evaluate(model)
+        model.train(was_training)
+        return out
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

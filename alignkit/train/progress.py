@@ -1,0 +1,89 @@
+"""Progress bar (rich) and metrics writers (JSONL always; TensorBoard/W&B/MLflow via accelerate)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class Progress:
+    """A one-line live progress bar: stage, step, loss, tokens/s, ETA. Silent when disabled."""
+
+    def __init__(self, name: str, total: int, start: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._p = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._p.start()
+        self._task = self._p.add_task(name, total=total, completed=start, loss="-", tps="-")
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.enabled:
+            loss_s = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
+            self._p.update(self._task, completed=step, loss=loss_s, tps=f"{tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self._p.stop()
+
+
+class MetricsWriter:
+    """Appends each metrics row to ``output_dir/metrics.jsonl`` and forwards it to accelerate's trackers."""
+
+    def __init__(self, run, accelerator, config=None):
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.jsonl = None
+        names = [n.strip() for n in run.report_to.split(",")]
+        if self.main and "jsonl" in names:
+            out = Path(run.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        self.trackers = bool(accelerator.log_with)
+        if self.trackers:
+            flat = _flatten(_plain(config)) if config is not None else {}
+            accelerator.init_trackers("alignkit", config=flat)
+
+    def write(self, row: dict, step: int) -> None:
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+            self.jsonl.flush()
+        if self.trackers:
+            self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.trackers:
+            self.acc.end_training()
+
+
+def _plain(cfg):
+    import dataclasses
+
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny tokenizer and model built locally (no hub), and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+HH_SAMPLE = SHARED_DATA / "hh-rlhf-harmless-sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny Llama + byte-level BPE tokenizer saved as a plain HF directory."""
+    from alignkit.models.factory import DEFAULT_CORPUS, TinyModelConfig, build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny")
+    corpus = DEFAULT_CORPUS * 20 + [f"The colour of item {i} is {c}." for i in range(30) for c in ("red", "blue")]
+    return build_tiny_model(out, corpus, TinyModelConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=2, num_attention_heads=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from alignkit.models.loading import load_tokenizer
+
+    return load_tokenizer(str(tiny_dir))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
