@@ -67,16 +67,13 @@ class RewardModel(RewardSource):
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        from alignkit.data import collate_rated, tokenize_rated
-        from alignkit.data.records import RatedExample
+        from alignkit.data import RatedExample, collate_rated, tokenize_records
         from alignkit.models.heads import reward_calibration, sequence_rewards
 
         self._check(prompts, responses)
-        items = [
-            tokenize_rated(self.tokenizer, RatedExample(prompt=list(p), response=r, score=0.0),
-                           max_length=self.max_length, max_prompt_length=self.max_prompt_length)[0]
-            for p, r in zip(prompts, responses)
-        ]
+        records = [RatedExample(prompt=list(p), response=r, score=0.0) for p, r in zip(prompts, responses)]
+        items, _ = tokenize_records(records, self.tokenizer, max_length=self.max_length,
+                                    max_prompt_length=self.max_prompt_length)
         offset, scale = reward_calibration(self.head)
         out = []
         for i in range(0, len(items), self.batch_size):

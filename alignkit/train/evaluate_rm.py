@@ -63,8 +63,7 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     records = held if cfg.split_eval else train
     if cfg.split_eval and not records:
         raise ValueError("eval-rm: split_eval=true but data.eval_fraction/eval_size leave no held-out pairs")
-    items, r2 = tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length)
-    report.merge(r2)
+    items, _ = tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length, report=report)
     print(report.summary())
     chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size)
     chosen, rejected = calibrated(chosen, head), calibrated(rejected, head)

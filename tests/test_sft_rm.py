@@ -1,0 +1,165 @@
+"""End-to-end SFT and reward models on tiny local models: they must learn."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from alignkit.cli import main
+from alignkit.config import build_config
+from alignkit.train.rm import RMConfig, run_rm
+from alignkit.train.sft import SFTConfig, run_sft
+
+from conftest import write_jsonl
+
+COLOURS = ["red", "blue", "green", "yellow"]
+
+
+def sft_rows(n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        i = rng.randint(0, 29)
+        rows.append({"prompt": f"What colour is item {i}?", "completion": f"The colour of item {i} is {COLOURS[i % 4]}."})
+    return rows
+
+
+def pair_rows(n, seed=0):
+    """Chosen answers are polite and correct; rejected ones are rude: a learnable preference."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        i = rng.randint(0, 29)
+        good = f"The colour of item {i} is {COLOURS[i % 4]}."
+        bad = rng.choice(["No. Go away.", "I will not tell you that.", "Whatever, red or something."])
+        rows.append({"prompt": f"What colour is item {i}?", "chosen": good, "rejected": bad})
+    return rows
+
+
+def _run(**kv):
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def test_sft_heldout_loss_falls(tiny_dir, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(160))
+    out = tmp_path / "sft"
+    cfg = build_config(SFTConfig, overrides=_run(**{
+        "model.path": tiny_dir, "data.path": data, "data.eval_size": 32, "optim.lr": 1e-2, "optim.batch_size": 16,
+        "optim.epochs": 6, "run.output_dir": out, "run.eval_every": 1000, "run.progress": "false"}))
+    result = run_sft(cfg)
+    first, last = result.history[0]["nll"], result.final_eval["nll"]
+    assert last < 0.6 * first, (first, last)
+    # the saved directory is a plain HF model that a later stage can start from
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/nll" in r for r in rows) and all("loss" in r or "eval/nll" in r for r in rows)
+
+
+@pytest.fixture(scope="module")
+def trained_rm(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rm")
+    data = write_jsonl(tmp / "pairs.jsonl", pair_rows(240))
+    out = tmp / "rm"
+    cfg = build_config(RMConfig, overrides=_run(**{
+        "model.path": tiny_dir, "data.path": data, "data.eval_size": 48, "optim.lr": 3e-3, "optim.batch_size": 16,
+        "optim.epochs": 3, "run.output_dir": out, "run.progress": "false"}))
+    result = run_rm(cfg)
+    return out, data, result
+
+
+def test_reward_model_learns_the_preference(trained_rm):
+    _, _, result = trained_rm
+    assert result.final_eval["accuracy"] >= 0.85
+    assert result.final_eval["margin_mean"] > 0
+
+
+def test_eval_rm_and_centring(trained_rm, tmp_path):
+    out, data, _ = trained_rm
+    report = tmp_path / "eval.json"
+    assert main(["eval-rm", f"model.path={out}", f"data.path={data}", "split_eval=true", "data.eval_size=48",
+                 f"output={report}"]) == 0
+    metrics = json.loads(report.read_text())
+    assert metrics["n_pairs"] == 48 and metrics["accuracy"] >= 0.85
+    assert "accuracy_by_margin" in metrics
+    # centred: the mean reward over chosen and rejected is near 0 relative to its spread
+    assert abs(metrics["reward_mean"]) < 0.5 * metrics["reward_std"] + 0.05
+
+
+def test_saved_rm_reloads_with_plain_transformers(trained_rm, tiny_tokenizer):
+    out, _, _ = trained_rm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignkit.rollout.rewards import RewardModel
+
+    tok = AutoTokenizer.from_pretrained(out)
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    ours = RewardModel(str(out))
+    prompt = [{"role": "user", "content": "What colour is item 3?"}]
+    response = "The colour of item 3 is green."
+    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + " " + response + tok.eos_token
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        raw = plain(input_ids=ids).logits[0, 0].item()
+    expected = (raw - plain.config.reward_offset) * plain.config.reward_scale
+    assert ours([prompt], [response]).item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_score_command(trained_rm, tmp_path):
+    out, _, _ = trained_rm
+    rows = [{"prompt": "What colour is item 1?", "response": "The colour of item 1 is blue.", "score": 1},
+            {"prompt": "What colour is item 1?", "response": "No. Go away.", "score": 0}]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    dest = tmp_path / "scores.jsonl"
+    assert main(["score", f"model.path={out}", f"data.path={data}", f"output={dest}"]) == 0
+    scored = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert len(scored) == 2 and scored[0]["score"] > scored[1]["score"]
+
+
+def test_regression_reward_model_fits_ratings(tiny_dir, tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(200):
+        n = rng.randint(0, 4)
+        rows.append({"prompt": "Rate me.", "response": " ".join(["good"] * n + ["ok"]), "score": float(n)})
+    data = write_jsonl(tmp_path / "ratings.jsonl", rows)
+    cfg = build_config(RMConfig, overrides=_run(**{
+        "model.path": tiny_dir, "data.path": data, "data.eval_size": 40, "optim.lr": 1e-2, "optim.batch_size": 16,
+        "optim.epochs": 12, "run.output_dir": tmp_path / "reg", "run.progress": "false", "center_rewards": "false"}))
+    result = run_rm(cfg)
+    targets = torch.tensor([r["score"] for r in rows])
+    assert result.final_eval["mse"] < 0.3 * float(targets.var())
+
+
+def test_margin_labels_change_the_loss_as_the_formula_says(tiny_dir, tiny_tokenizer):
+    """Same pairs, same weights: the loss with margin m equals −log σ(Δr − m) per pair."""
+    from alignkit.config import ModelConfig
+    from alignkit.data import PreferencePair, collate_pairs, tokenize_records
+    from alignkit.models.heads import ScalarHead, sequence_rewards
+    from alignkit.models.loading import load_scalar_head_model
+    from alignkit.train.rm import pairwise_batch_loss
+
+    head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir))))
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": "q"}], chosen="yes", rejected="no", margin=m) for m in (0.0, 1.0, 3.0)]
+    items, _ = tokenize_records(pairs, tiny_tokenizer)
+    batch = collate_pairs(items, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        r = sequence_rewards(head, batch)
+        delta = r[:3] - r[3:]
+        with_m, _ = pairwise_batch_loss(True)(head, batch)
+        without, _ = pairwise_batch_loss(False)(head, batch)
+    expected = -torch.nn.functional.logsigmoid(delta - torch.tensor([0.0, 1.0, 3.0])).sum()
+    assert with_m.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert without.item() == pytest.approx(-torch.nn.functional.logsigmoid(delta).sum().item(), rel=1e-5)
+    assert with_m.item() > without.item()
+
+
+def test_rm_rejects_sft_data_clearly(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "sft.jsonl", sft_rows(10))
+    code = main(["rm", f"model.path={tiny_dir}", f"data.path={data}", f"run.output_dir={tmp_path / 'x'}"])
+    assert code == 1
+    assert "SFTExample" in capsys.readouterr().err
