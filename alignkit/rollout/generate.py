@@ -56,10 +56,9 @@ class Generator:
 
 def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
     """Prompt token ids exactly as the data layer builds them for training."""
-    from alignkit.data.tokenize import _Encoder
+    from alignkit.data import encode_prompt
 
-    enc = _Encoder(tokenizer)
-    return [enc.prompt(p)[0] for p in prompts]
+    return [encode_prompt(tokenizer, p) for p in prompts]
 
 
 class HFGenerator(Generator):

@@ -1,0 +1,146 @@
+"""Preference data: read records, normalise them, tokenise them, batch them.
+
+One entry point loads any supported source and format::
+
+    train, eval, report = load_dataset_records("hh.jsonl", eval_fraction=0.05)
+    print(report.summary())
+    items, report = tokenize_records(train, tokenizer, max_length=512, max_prompt_length=256,
+                                     report=report)
+    batch = collate_pairs(items[:8], tokenizer.pad_token_id)
+
+Pipeline: :mod:`readers` (rows with locations) -> :mod:`formats` (records, skips counted in a
+:class:`DataReport`) -> :mod:`tokenize` (token-id items) -> :mod:`collate` (tensors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignkit.data.collate import (
+    collate_pairs,
+    collate_rated,
+    collate_sft,
+    collate_unpaired,
+    pack_pairs,
+    pack_sft,
+)
+from alignkit.data.formats import (
+    DEFAULT_MARGIN_LABELS,
+    FORMATS,
+    LLAMA2_MARGIN_SMALL,
+    NormaliseOptions,
+    detect_format,
+    normalise_rows,
+    parse_hh_transcript,
+)
+from alignkit.data.readers import read_rows, split_rows
+from alignkit.data.records import (
+    PreferencePair,
+    RatedExample,
+    Record,
+    SFTExample,
+    UnpairedExample,
+)
+from alignkit.data.report import DataError, DataReport
+from alignkit.data.tokenize import (
+    IGNORE_INDEX,
+    encode_prompt,
+    plain_chat,
+    render_prompt,
+    tokenize_pair,
+    tokenize_rated,
+    tokenize_records,
+    tokenize_sft,
+    tokenize_unpaired,
+)
+
+
+def load_dataset_records(
+    path: str | Path,
+    format: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    eval_fraction: float = 0.0,
+    eval_size: int | None = None,
+    margin_labels: dict[str, float] | None = None,
+    group_rankings: bool = False,
+    strict: bool = False,
+) -> tuple[list[Record], list[Record], DataReport]:
+    """Read ``path`` and return ``(train_records, eval_records, report)``.
+
+    Args:
+        path: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory, or
+            a Hugging Face Hub data set name (only when no such local path exists).
+        format: one of :data:`FORMATS` (``pairwise``, ``hh``, ``ranked``, ``unpaired``,
+            ``ratings``, ``sft``); ``None`` detects it from the first row's fields.
+        split: the split of a ``datasets`` source.
+        limit: read only the first ``limit`` rows (before shuffling).
+        shuffle, seed: shuffle the rows with ``random.Random(seed)``.
+        eval_fraction, eval_size: hold out that fraction / number of rows for evaluation. The
+            split is by row, so the pairs of one ranking stay on one side.
+        margin_labels: label -> margin for string margins (default :data:`DEFAULT_MARGIN_LABELS`);
+            keys are matched case- and space-insensitively.
+        group_rankings: keep the pairs of a k-way ranking together (shared ``group`` id,
+            ``weight`` 1/number-of-pairs) instead of as independent pairs.
+        strict: make structural problems (HH or conversation pairs that do not share a prompt,
+            malformed transcripts) errors instead of reported skips.
+    """
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
+    report = DataReport(source=str(path))
+    rows = list(read_rows(path, split=split, limit=limit))
+    if not rows:
+        raise DataError(f"{path}: no rows to read")
+    report.read = len(rows)
+    report.format = format or detect_format(rows[0][1], rows[0][0])
+    train_rows, eval_rows = split_rows(rows, shuffle, seed, eval_fraction, eval_size)
+    labels = DEFAULT_MARGIN_LABELS if margin_labels is None else margin_labels
+    options = NormaliseOptions(
+        margin_labels={" ".join(k.lower().split()): float(v) for k, v in labels.items()},
+        group_rankings=group_rankings,
+        strict=strict,
+    )
+    train = normalise_rows(train_rows, report.format, report, options)
+    evals = normalise_rows(eval_rows, report.format, report, options)
+    report.train, report.eval = len(train), len(evals)
+    if not train:
+        raise DataError(f"{path}: no usable training records.\n{report.summary()}")
+    return train, evals, report
+
+
+__all__ = [
+    "DEFAULT_MARGIN_LABELS",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "LLAMA2_MARGIN_SMALL",
+    "DataError",
+    "DataReport",
+    "NormaliseOptions",
+    "PreferencePair",
+    "RatedExample",
+    "Record",
+    "SFTExample",
+    "UnpairedExample",
+    "collate_pairs",
+    "collate_rated",
+    "collate_sft",
+    "collate_unpaired",
+    "detect_format",
+    "encode_prompt",
+    "load_dataset_records",
+    "normalise_rows",
+    "pack_pairs",
+    "pack_sft",
+    "parse_hh_transcript",
+    "plain_chat",
+    "read_rows",
+    "render_prompt",
+    "split_rows",
+    "tokenize_pair",
+    "tokenize_rated",
+    "tokenize_records",
+    "tokenize_sft",
+    "tokenize_unpaired",
+]

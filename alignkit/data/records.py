@@ -1,0 +1,62 @@
+"""Normalised records: what every input format becomes before tokenisation.
+
+A prompt is always a list of chat messages ``{"role": "system"|"user"|"assistant", "content": str}``
+ending with a user turn; responses are plain strings (the final assistant reply). ``source`` says
+where the record came from (``"data.jsonl:17"``, ``"data.parquet[16]"``) so that errors and reports
+can point at the offending input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Messages = list[dict]
+"""A chat conversation: ``[{"role": "user", "content": "..."}, ...]``."""
+
+
+@dataclass
+class PreferencePair:
+    """One human comparison: ``chosen`` was preferred to ``rejected`` as a reply to ``prompt``."""
+
+    prompt: Messages
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    """How much better ``chosen`` is (Llama 2's margin term); 0 when the data says nothing."""
+    group: int = -1
+    """Id shared by the pairs expanded from one k-way ranking when kept together, else -1."""
+    weight: float = 1.0
+    """Loss weight: 1, or 1/(number of pairs) for the pairs of one ranking kept together."""
+    source: str = ""
+
+
+@dataclass
+class UnpairedExample:
+    """One completion judged good (``label=True``) or bad on its own (KTO's data)."""
+
+    prompt: Messages
+    completion: str
+    label: bool
+    source: str = ""
+
+
+@dataclass
+class RatedExample:
+    """One response with a scalar score (regression reward models)."""
+
+    prompt: Messages
+    response: str
+    score: float
+    source: str = ""
+
+
+@dataclass
+class SFTExample:
+    """One demonstration: the model learns ``completion`` given ``prompt``."""
+
+    prompt: Messages
+    completion: str
+    source: str = ""
+
+
+Record = PreferencePair | UnpairedExample | RatedExample | SFTExample

@@ -1,0 +1,164 @@
+"""Tokenisation: chat rendering, the exact prompt/response boundary, EOS, truncation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from alignkit.data import (
+    IGNORE_INDEX,
+    DataReport,
+    PreferencePair,
+    RatedExample,
+    SFTExample,
+    UnpairedExample,
+    encode_prompt,
+    plain_chat,
+    render_prompt,
+    tokenize_pair,
+    tokenize_rated,
+    tokenize_records,
+    tokenize_sft,
+    tokenize_unpaired,
+)
+from alignkit.models.factory import DEFAULT_CORPUS, train_tokenizer
+
+USER = lambda text: {"role": "user", "content": text}  # noqa: E731
+ASSISTANT = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+CONVERSATION = [
+    {"role": "system", "content": "Be helpful."},
+    USER("What is 2 plus 3?"),
+    ASSISTANT("5."),
+    USER("And the capital of France?"),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(DEFAULT_CORPUS, vocab_size=512)
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_plain_default_is_the_factory_template(tok):
+    expected = (
+        "Be helpful.\n\nHuman: What is 2 plus 3?\n\nAssistant: 5.<eos>\n\n"
+        "Human: And the capital of France?\n\nAssistant:"
+    )
+    assert render_prompt(tok, CONVERSATION) == expected  # through the chat template
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    assert render_prompt(bare, CONVERSATION) == expected  # through the documented default
+    assert plain_chat(CONVERSATION, "<eos>") == expected
+
+
+def test_sft_boundary_eos_and_labels(tok):
+    ex = SFTExample(CONVERSATION, "The capital of France is Paris.", "x:1")
+    item = tokenize_sft(ex, tok)
+    prompt = ids(tok, render_prompt(tok, CONVERSATION))
+    response = ids(tok, " The capital of France is Paris.") + [tok.eos_token_id]
+    assert item["input_ids"] == prompt + response
+    assert item["labels"] == [IGNORE_INDEX] * len(prompt) + response
+    assert encode_prompt(tok, CONVERSATION) == prompt  # what generation feeds the policy
+    assert item["length"] == len(prompt) + len(response)
+    assert tok.decode(item["input_ids"]) == render_prompt(tok, CONVERSATION) + " The capital of France is Paris.<eos>"
+
+
+def test_pair_unpaired_rated_items(tok):
+    pair = PreferencePair([USER("Hi?")], "Hello there.", "Go away.", margin=2.0, group=7, weight=0.25)
+    item = tokenize_pair(pair, tok)
+    prompt = ids(tok, "Human: Hi?\n\nAssistant:")
+    chosen = ids(tok, " Hello there.") + [tok.eos_token_id]
+    rejected = ids(tok, " Go away.") + [tok.eos_token_id]
+    assert item == {
+        "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": 2.0,
+        "weight": 0.25, "group": 7, "length": len(prompt) + max(len(chosen), len(rejected)),
+    }
+    un = tokenize_unpaired(UnpairedExample([USER("Hi?")], "Hello there.", False), tok)
+    assert un == {"prompt_ids": prompt, "completion_ids": chosen, "label": False, "length": len(prompt) + len(chosen)}
+    rated = tokenize_rated(RatedExample([USER("Hi?")], "Go away.", -1.5), tok)
+    assert rated == {"prompt_ids": prompt, "response_ids": rejected, "score": -1.5, "length": len(prompt) + len(rejected)}
+    with pytest.raises(TypeError, match="expected a PreferencePair, got SFTExample"):
+        tokenize_pair(SFTExample([USER("a")], "b"), tok)
+
+
+def test_no_space_after_a_template_that_ends_in_whitespace(tok):
+    t = copy.deepcopy(tok)
+    # Llama-3-like: the generation prompt ends with a newline (written as an expression, since
+    # jinja drops a template's own trailing newline).
+    t.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{{ '<assistant>\\n' }}"
+    item = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
+    prompt = ids(t, "<user>Hi?\n<assistant>\n")
+    assert item["input_ids"] == prompt + ids(t, "Hello.") + [t.eos_token_id]
+
+
+def test_bos_is_added_once_when_the_tokenizer_adds_it(tok):
+    from tokenizers import processors
+
+    t = copy.deepcopy(tok)
+    t._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", t.bos_token_id)]
+    )
+    assert t("Hi")["input_ids"][0] == t.bos_token_id
+    item = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
+    assert item["input_ids"][0] == t.bos_token_id and item["input_ids"][1] != t.bos_token_id
+    assert item["input_ids"][1:] == tokenize_sft(SFTExample([USER("Hi?")], "Hello."), tok)["input_ids"]
+
+
+def test_truncation_keeps_the_prompt_end_then_cuts_responses_and_is_counted(tok):
+    long_prompt = [USER("the quick brown fox " * 20)]
+    pair = PreferencePair(long_prompt, "The capital of France is Paris. " * 3, "No.", source="d:1")
+    full = tokenize_pair(pair, tok)
+    short = PreferencePair([USER("Hi")], "Ok", "No", source="d:2")
+    report = DataReport()
+    items, report = tokenize_records([pair, short], tok, max_length=40, max_prompt_length=24, report=report)
+    cut = items[0]
+    assert cut["prompt_ids"] == full["prompt_ids"][-24:]  # the END of the prompt survives
+    assert cut["prompt_ids"][-2:] == ids(tok, " Assistant:")[-2:]
+    assert cut["chosen_ids"] == full["chosen_ids"][:16]  # the chosen reply loses its end (and EOS)
+    assert cut["chosen_ids"][-1] != tok.eos_token_id
+    assert cut["rejected_ids"] == full["rejected_ids"]  # short enough: untouched, keeps EOS
+    assert cut["length"] == 40
+    assert items[1] == tokenize_pair(short, tok)
+    assert (report.tokenized, report.truncated, report.truncated_prompt, report.truncated_response) == (2, 1, 1, 1)
+    assert report.truncated_examples == ["d:1"]
+
+
+def test_prompt_alone_over_max_length_leaves_one_response_token(tok):
+    ex = SFTExample([USER("the quick brown fox " * 20)], "Paris.", source="d:3")
+    full = tokenize_sft(ex, tok)
+    report = DataReport()
+    item = tokenize_sft(ex, tok, max_length=10, report=report)
+    prompt_len = sum(1 for x in full["labels"] if x == IGNORE_INDEX)
+    assert item["input_ids"] == full["input_ids"][prompt_len - 9 : prompt_len + 1]
+    assert item["labels"] == [IGNORE_INDEX] * 9 + [full["input_ids"][prompt_len]]
+    assert (report.truncated, report.truncated_prompt, report.truncated_response) == (1, 1, 1)
+
+
+def test_length_options_are_checked(tok):
+    ex = SFTExample([USER("a")], "b")
+    with pytest.raises(ValueError, match=r"max_prompt_length \(8\) must be below max_length \(8\)"):
+        tokenize_sft(ex, tok, max_length=8, max_prompt_length=8)
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        tokenize_records([ex], tok, max_length=1)
+
+
+def test_tokenize_records_mixes_types_and_shares_prompts(tok):
+    records = [
+        SFTExample([USER("a")], "b"),
+        PreferencePair([USER("a")], "b", "c"),
+        UnpairedExample([USER("a")], "b", True),
+        RatedExample([USER("a")], "b", 1.0),
+    ]
+    items, report = tokenize_records(records, tok)
+    assert [sorted(i) for i in items] == [
+        ["input_ids", "labels", "length"],
+        ["chosen_ids", "group", "length", "margin", "prompt_ids", "rejected_ids", "weight"],
+        ["completion_ids", "label", "length", "prompt_ids"],
+        ["length", "prompt_ids", "response_ids", "score"],
+    ]
+    assert items[1]["prompt_ids"] == items[2]["prompt_ids"] == items[3]["prompt_ids"]
+    assert report.tokenized == 4 and report.truncated == 0
