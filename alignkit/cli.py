@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rm": ("alignkit.train.rm", "RMConfig", "run_rm", "train a reward model (pairwise with margins, or regression)"),
     "eval-rm": ("alignkit.train.evaluate_rm", "EvalRMConfig", "run_eval_rm", "reward-model accuracy overall and per margin bucket"),
     "score": ("alignkit.train.evaluate_rm", "ScoreConfig", "run_score", "score (prompt, response) rows with a reward model"),
+    "tiny-model": ("alignkit.models.factory", "TinyCommandConfig", "run_tiny_model", "build a tiny local Llama + BPE tokenizer from a corpus (no network)"),
     "demo": ("alignkit.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded alignment world, measured by its gold judge"),
 }
 

@@ -134,3 +134,63 @@ DEFAULT_CORPUS = [
     "I don't know the answer to that question, but I can help you look for it.",
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20.",
 ]
+
+
+@dataclass
+class TinyCommandConfig:
+    """`alignkit tiny-model`: train a byte-level BPE tokenizer on a corpus and save a small random Llama (no network)."""
+
+    corpus: str = ""
+    """Text to train the tokenizer on: a .txt file (one document per line) or a data file alignkit reads (all its text fields are used); empty = a built-in sample."""
+    out: str = "runs/tiny-model"
+    """Directory to write the model and tokenizer to."""
+    vocab_size: int = 1024
+    """Tokenizer vocabulary size."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    intermediate_size: int = 192
+    """Width of the MLP's hidden layer."""
+    num_hidden_layers: int = 2
+    """Number of transformer blocks."""
+    num_attention_heads: int = 4
+    """Attention heads per block."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the model is set up for."""
+    seed: int = 0
+    """Initialisation seed."""
+
+
+def _corpus_texts(path: str) -> list[str]:
+    if not path:
+        return DEFAULT_CORPUS * 20
+    p = Path(path)
+    if p.suffix == ".txt":
+        return [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from alignkit.data import read_rows
+
+    texts: list[str] = []
+
+    def collect(value) -> None:
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, list):
+            for v in value:
+                collect(v)
+
+    for _, row in read_rows(path):
+        collect(row)
+    return texts
+
+
+def run_tiny_model(cfg: TinyCommandConfig) -> Path:
+    shape = TinyModelConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
+    out = build_tiny_model(cfg.out, _corpus_texts(cfg.corpus), shape, seed=cfg.seed)
+    print(f"[alignkit] wrote a tiny Llama and tokenizer to {out}")
+    return out

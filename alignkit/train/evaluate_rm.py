@@ -67,7 +67,11 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     print(report.summary())
     chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size)
     chosen, rejected = calibrated(chosen, head), calibrated(rejected, head)
-    labels = {v: k for k, v in {**DEFAULT_MARGIN_LABELS, **(d.margin_labels or {})}.items()}
+    # Bucket names: the numeric margin, with the label(s) that map to it (0 is also "no margin").
+    names: dict[float, list[str]] = {}
+    for k, v in {**DEFAULT_MARGIN_LABELS, **(d.margin_labels or {})}.items():
+        names.setdefault(float(v), []).append(k)
+    labels = {m: f"margin={m:g} ({'/'.join(ks)})" if m != 0 else "margin=0" for m, ks in names.items()}
     metrics = pairwise_metrics(chosen, rejected, [it["margin"] for it in items], labels)
     print(json.dumps(metrics, indent=2))
     if cfg.output:

@@ -1,0 +1,77 @@
+"""Policy measurements: KL to a reference from samples, win rates, held-out LM loss.
+
+``kl_to_reference`` is the mean per-sequence KL(π‖π_ref) estimated from samples y ~ π(·|x) with
+the k1 estimator Σ_t [log π(y_t|·) − log π_ref(y_t|·)] summed over the response tokens: unbiased
+for the sequence-level KL, though a single sample can be negative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from alignkit.models.heads import forward_logps
+
+
+def _response_batch(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int) -> dict:
+    from alignkit.data.collate import _pad
+
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    return _pad(seqs, [len(p) for p in prompt_ids], pad_id)
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids, response_ids, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+    """Σ_t log π(y_t | x, y_<t) over each response: ``(N,)``."""
+    out = []
+    device = next(model.parameters()).device
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = _response_batch(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logps, mask = forward_logps(model, batch)
+        out.append((logps * mask).sum(1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def kl_to_reference(policy, reference, prompt_ids, response_ids, pad_id: int) -> float:
+    """Mean per-sequence KL(π‖π_ref) from samples of π (k1 estimator; see module doc)."""
+    if not prompt_ids:
+        return 0.0
+    diff = sequence_logps(policy, prompt_ids, response_ids, pad_id) - sequence_logps(reference, prompt_ids, response_ids, pad_id)
+    return float(diff.mean())
+
+
+def best_of_n_kl(n: int) -> float:
+    """Analytic KL of best-of-n sampling to the base policy: log n − (n−1)/n (Stiennon et al. 2020;
+    an upper bound, Beirami et al. 2024)."""
+    import math
+
+    return math.log(n) - (n - 1) / n
+
+
+def win_rate(score: Callable[[object, str], float], prompts: Sequence, a: Sequence[str], b: Sequence[str]) -> float:
+    """Fraction of prompts where response ``a`` scores higher than ``b`` (ties count half)."""
+    wins = 0.0
+    for p, x, y in zip(prompts, a, b):
+        sx, sy = score(p, x), score(p, y)
+        wins += 1.0 if sx > sy else 0.5 if sx == sy else 0.0
+    return wins / max(len(prompts), 1)
+
+
+@torch.no_grad()
+def lm_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> float:
+    """Mean per-token NLL of ``texts`` (each followed by EOS): the pretraining loss used to measure
+    the alignment tax."""
+    from alignkit.data.collate import _pad
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(texts), batch_size):
+        seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
+                for t in texts[i : i + batch_size]]
+        batch = {k: v.to(device) for k, v in _pad(seqs, [0] * len(seqs), tokenizer.pad_token_id).items()}
+        logps, mask = forward_logps(model, batch)
+        total += float(-(logps * mask).sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
