@@ -15,11 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 #: Elements of one float32 working chunk in :func:`token_logps` / :func:`entropy_from_logits`
 #: (2**24 floats = 64 MiB), so the vocabulary-sized temporaries stay bounded whatever B·T is.
 CHUNK_ELEMENTS = 2**24
+#: Up to this many logits (B·T·V), token_logps uses the fused cross-entropy kernel (one (B·T, V)
+#: float32 buffer, 256 MiB at most); above it, the chunked path that never holds a full copy.
+FUSED_MAX_ELEMENTS = 2**26
 
 
 def _masked(x: Tensor, mask: Tensor) -> Tensor:
@@ -142,7 +146,14 @@ def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Ten
     """
     valid = labels != ignore_index
     safe_labels = labels.masked_fill(~valid, 0).long()
-    logps = _TokenLogps.apply(logits, safe_labels)
+    if logits.numel() <= FUSED_MAX_ELEMENTS:
+        # Small enough to materialise: PyTorch's fused cross-entropy kernel is several times
+        # faster than the chunked path (measured: 183 vs 590 ms per step on a 0.4M-param model).
+        B, T, V = logits.shape
+        flat = _float(logits).reshape(B * T, V)  # (B·T, V); copies only if non-contiguous
+        logps = -F.cross_entropy(flat, safe_labels.reshape(-1), reduction="none").view(B, T)
+    else:
+        logps = _TokenLogps.apply(logits, safe_labels)
     return logps.masked_fill(~valid, 0.0)
 
 

@@ -98,7 +98,14 @@ def _reference_token_logps(logits, labels):
     return out
 
 
-def test_token_logps_equals_log_softmax_gather_on_a_non_contiguous_view():
+@pytest.fixture(params=["fused", "chunked"])
+def token_logps_path(request, monkeypatch):
+    """Run a test on both code paths of token_logps: the fused kernel and the chunked one."""
+    monkeypatch.setattr(ops, "FUSED_MAX_ELEMENTS", 2**40 if request.param == "fused" else 0)
+    return request.param
+
+
+def test_token_logps_equals_log_softmax_gather_on_a_non_contiguous_view(token_logps_path):
     logits, labels = _logits_labels()
     view = logits[:, :-1]  # what a causal LM passes: not contiguous
     got = token_logps(view, labels)
@@ -107,7 +114,7 @@ def test_token_logps_equals_log_softmax_gather_on_a_non_contiguous_view():
     assert (got[labels == -100] == 0).all()
 
 
-def test_token_logps_gradient_matches_autograd_of_log_softmax(monkeypatch):
+def test_token_logps_gradient_matches_autograd_of_log_softmax(monkeypatch, token_logps_path):
     monkeypatch.setattr(ops, "CHUNK_ELEMENTS", 25)  # force several chunks per row (V = 11)
     logits, labels = _logits_labels()
     a = logits[:, :-1].clone().requires_grad_(True)
@@ -121,7 +128,7 @@ def test_token_logps_gradient_matches_autograd_of_log_softmax(monkeypatch):
     assert torch.autograd.gradcheck(lambda l: token_logps(l, labels), (a.detach().requires_grad_(True),))
 
 
-def test_token_logps_half_precision_is_computed_in_float32():
+def test_token_logps_half_precision_is_computed_in_float32(token_logps_path):
     logits, labels = _logits_labels(dtype=torch.float32)
     got = token_logps(logits[:, :-1].bfloat16(), labels)
     assert got.dtype == torch.float32
