@@ -11,6 +11,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+# The tiny test models run fastest on one thread; two threads on a busy 2-core machine were
+# 5-40x slower (OpenMP threads spinning against each other), which would make CI time erratic.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 HH_SAMPLE = SHARED_DATA / "hh-rlhf-harmless-sample.jsonl"
 
