@@ -62,8 +62,8 @@ class Scale:
     vocab_size: int = 768
 
 
-FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=2)
-QUICK = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=6, eval_samples=1)
+FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4)
+QUICK = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=6, eval_samples=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,13 +175,28 @@ def sft(ctx: Context) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_tokens: int):
+def _sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_tokens: int, temperature: float = 1.0):
     from alignkit.models.loading import load_causal_lm
     from alignkit.rollout.generate import HFGenerator, SamplingConfig
 
     model = load_causal_lm(ModelConfig(path=str(model_dir)), trainable=False)
-    gen = HFGenerator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0))
+    gen = HFGenerator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
     return model, gen.generate([_messages(p.text) for p in prompts], n=n, seed=seed)
+
+
+def _diverse_samples(ctx: Context, prompts, seed: int) -> list[str]:
+    """Samples to compare, ``samples_per_prompt`` per prompt (consecutive): half at temperature 1
+    and half at a higher temperature, as Llama 2 varied models and temperatures to make the two
+    responses of a comparison differ."""
+    s = ctx.scale
+    half = s.samples_per_prompt // 2
+    _, a = _sample(ctx.sft_dir, ctx.tokenizer, prompts, half, seed, s.max_new_tokens, temperature=1.0)
+    _, b = _sample(ctx.sft_dir, ctx.tokenizer, prompts, s.samples_per_prompt - half, seed + 1, s.max_new_tokens,
+                   temperature=COMPARISON_HOT_TEMPERATURE)
+    texts = []
+    for i in range(len(prompts)):
+        texts += a.texts[i * half : (i + 1) * half] + b.texts[i * (s.samples_per_prompt - half) : (i + 1) * (s.samples_per_prompt - half)]
+    return texts
 
 
 def _pairs_of(prompts, texts: list[str], n: int):
@@ -204,6 +219,10 @@ ANNOTATIONS = {
 #: At most this many prompts per kind are sampled for labelling, so the 300 arithmetic prompts
 #: do not make up half of every comparison set.
 PROMPTS_PER_KIND = 100
+#: Temperature of the second half of the samples that are compared.
+COMPARISON_HOT_TEMPERATURE = 1.5
+#: Noise of the simulated labelers' Bradley–Terry choices (0 = the gold order).
+LABELER_TEMPERATURE = 0.2
 
 
 def _label_prompts(world, split: str, seed: int) -> list:
@@ -223,17 +242,18 @@ def comparisons(ctx: Context) -> None:
     stats = {}
     for split in ("train", "heldout"):
         prompts = _label_prompts(w, split, ctx.cfg.seed)
-        _, gens = _sample(ctx.sft_dir, ctx.tokenizer, prompts, s.samples_per_prompt, ctx.cfg.seed + (split == "heldout"), s.max_new_tokens)
+        texts = _diverse_samples(ctx, prompts, ctx.cfg.seed + 10 * (split == "heldout"))
         for name, (kind, variant, kinds) in ANNOTATIONS.items():
-            labeler = w.labeler(kind, variant, temperature=0.3, seed=ctx.cfg.seed + 17 * len(name))
-            pairs = [t for t in _pairs_of(prompts, gens.texts, s.samples_per_prompt) if kinds is None or t[0].kind in kinds]
+            labeler = w.labeler(kind, variant, temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 17 * len(name))
+            pairs = [t for t in _pairs_of(prompts, texts, s.samples_per_prompt) if kinds is None or t[0].kind in kinds]
             records, counts = labeler.label_pairs(pairs)
             ctx.data[f"{name}/{split}"] = _write_jsonl(ctx.out / "data" / f"{name}-{split}.jsonl", records)
             stats[f"{name}/{split}"] = counts
         if split == "train":
             # Unpaired desirable/undesirable labels (KTO) from the combined (overall) labeler.
-            lab = w.labeler("overall", "honest", temperature=0.3, seed=ctx.cfg.seed + 5)
-            rows = lab.label_unpaired([(prompts[i], t) for i, t in zip(gens.prompt_index, gens.texts)], threshold=0.5)
+            lab = w.labeler("overall", "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
+            n = s.samples_per_prompt
+            rows = lab.label_unpaired([(prompts[k // n], t) for k, t in enumerate(texts)], threshold=0.5)
             ctx.data["unpaired/train"] = _write_jsonl(ctx.out / "data" / "unpaired-train.jsonl", rows)
     ctx.extra["labels"] = stats
     print("[demo] comparisons:", json.dumps(stats))
@@ -282,19 +302,23 @@ def best_of_n(ctx: Context) -> None:
 
     s, w = ctx.scale, ctx.world
     prompts = w.prompts(split="heldout")
-    n = s.best_of_n
-    _, gens = _sample(ctx.sft_dir, ctx.tokenizer, prompts, n, ctx.cfg.seed + 101, s.max_new_tokens)
+    n, draws = s.best_of_n, s.eval_samples
+    # draws × n samples per prompt: each consecutive block of n is one best-of-n draw.
+    _, gens = _sample(ctx.sft_dir, ctx.tokenizer, prompts, n * draws, ctx.cfg.seed + 101, s.max_new_tokens)
     msgs = [_messages(prompts[i].text) for i in gens.prompt_index]
     rewards = {
         "best_of_n/helpfulness": RewardModel(str(ctx.reward_models["helpfulness"])),
         "best_of_n/combined": combined_reward(ctx),
         "best_of_n/confident_labelers": RewardModel(str(ctx.reward_models["helpfulness_confident"])),
     }
+    blocks = len(prompts) * draws
     for name, reward in rewards.items():
-        scores = reward(msgs, gens.texts).view(len(prompts), n)  # (P, N)
+        scores = reward(msgs, gens.texts).view(blocks, n)  # (P·draws, N)
         best = scores.argmax(dim=1)
-        texts = [gens.texts[i * n + int(b)] for i, b in enumerate(best)]
-        ctx.policies[name] = {"prompts": prompts, "texts": texts, "kl": best_of_n_kl(n), "kl_kind": f"analytic log N − (N−1)/N, N={n}"}
+        texts = [gens.texts[k * n + int(b)] for k, b in enumerate(best)]
+        chosen_prompts = [prompts[k // draws] for k in range(blocks)]
+        ctx.policies[name] = {"prompts": chosen_prompts, "texts": texts, "kl": best_of_n_kl(n),
+                              "kl_kind": f"analytic log N − (N−1)/N, N={n}"}
 
 
 def _policy_from_dir(ctx: Context, name: str, policy_dir: Path) -> None:
@@ -463,13 +487,20 @@ def evaluate(ctx: Context) -> dict:
     from alignkit.eval.metrics import win_rate
 
     w = ctx.world
-    sft_texts = {}
+    sft_texts: dict[str, list[str]] = {}
     for p, t in zip(ctx.policies["sft"]["prompts"], ctx.policies["sft"]["texts"]):
-        sft_texts.setdefault(p.text, t)  # first SFT sample per prompt is the comparison point
+        sft_texts.setdefault(p.text, []).append(t)
     report = {}
     for name, pol in ctx.policies.items():
         ev = w.evaluate(pol["prompts"], pol["texts"])
-        wr = win_rate(w.reward, pol["prompts"], pol["texts"], [sft_texts[p.text] for p in pol["prompts"]])
+        # The j-th sample of a policy on a prompt is compared with the j-th SFT sample on it.
+        seen: dict[str, int] = {}
+        opponents = []
+        for p in pol["prompts"]:
+            j = seen.get(p.text, 0)
+            seen[p.text] = j + 1
+            opponents.append(sft_texts[p.text][j % len(sft_texts[p.text])])
+        wr = win_rate(w.reward, pol["prompts"], pol["texts"], opponents)
         report[name] = {
             "gold_reward": ev["gold_reward"],
             "helpfulness": ev["helpfulness"],
