@@ -18,6 +18,12 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rm": ("alignkit.train.rm", "RMConfig", "run_rm", "train a reward model (pairwise with margins, or regression)"),
     "eval-rm": ("alignkit.train.evaluate_rm", "EvalRMConfig", "run_eval_rm", "reward-model accuracy overall and per margin bucket"),
     "score": ("alignkit.train.evaluate_rm", "ScoreConfig", "run_score", "score (prompt, response) rows with a reward model"),
+    "dpo": ("alignkit.train.dpo", "DPOConfig", "run_dpo", "direct preference optimisation and variants (ipo, cdpo, robust, hinge, simpo, orpo) on comparisons"),
+    "kto": ("alignkit.train.kto", "KTOConfig", "run_kto", "KTO on completions labelled desirable/undesirable (or on pairs)"),
+    "ppo": ("alignkit.train.ppo", "PPOConfig", "run_ppo", "actor-critic PPO from a reward (InstructGPT): KL penalty, GAE, PPO-ptx, cost constraint"),
+    "grpo": ("alignkit.train.grpo", "GRPOConfig", "run_grpo", "group-relative policy optimisation (critic-free) from a reward"),
+    "rloo": ("alignkit.train.grpo", "RLOOConfig", "run_rloo", "REINFORCE leave-one-out (critic-free) from a reward"),
+    "rs": ("alignkit.train.rejection_sampling", "RSConfig", "run_rs", "rejection sampling: best of N under the reward, then fine-tune on it"),
     "tiny-model": ("alignkit.models.factory", "TinyCommandConfig", "run_tiny_model", "build a tiny local Llama + BPE tokenizer from a corpus (no network)"),
     "demo": ("alignkit.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded alignment world, measured by its gold judge"),
 }
