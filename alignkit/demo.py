@@ -55,6 +55,7 @@ class Scale:
     best_of_n: int
     eval_samples: int  # samples per held-out prompt when evaluating a policy
     dpo_epochs: float = 2
+    rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)
     rl_rollouts: int = 10  # rollouts (PPO, GRPO, RLOO)
     max_new_tokens: int = 24
     hidden_size: int = 96
@@ -63,7 +64,8 @@ class Scale:
 
 
 FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4)
-QUICK = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=6, eval_samples=4)
+QUICK = Scale(pretrain_epochs=5, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=3,
+              dpo_epochs=1, rl_rollouts=8, rs_prompts=256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,15 +348,16 @@ def _prompt_messages(ctx: Context) -> list[list[dict]]:
     return [_messages(p.text) for p in ctx.world.prompts(split="train")]
 
 
-def _dpo(ctx: Context, name: str, loss_type: str, beta: float) -> None:
+def _dpo(ctx: Context, name: str, loss_type: str, beta: float, length_normalize: bool = False) -> None:
     from alignkit.train.dpo import DPOConfig, run_dpo
 
     cfg = DPOConfig(
         model=ModelConfig(path=str(ctx.sft_dir)),
         data=DataConfig(path=str(ctx.data["overall/train"]), eval_path=str(ctx.data["overall/heldout"]),
                         max_length=96, max_prompt_length=48),
-        optim=OptimConfig(lr=1e-3, batch_size=32, epochs=ctx.scale.dpo_epochs, warmup_ratio=0.05),
+        optim=OptimConfig(lr=3e-4, batch_size=32, epochs=ctx.scale.dpo_epochs, warmup_ratio=0.05),
         run=_run(ctx.out, name, ctx.cfg.seed), beta=beta, loss_type=loss_type, reference="precomputed",
+        length_normalize=length_normalize,
     )
     run_dpo(cfg)
     ctx.curves[name] = Path(cfg.run.output_dir) / "metrics.jsonl"
@@ -368,18 +371,24 @@ def dpo(ctx: Context) -> None:
 
 def ipo(ctx: Context) -> None:
     """IPO (Azar et al. 2023) on the same comparisons."""
-    _dpo(ctx, "ipo", "ipo", beta=0.5)
+    # IPO's squared loss on summed log-probs gave gradient norms in the thousands here; on per-token
+    # means (length normalisation) it trains stably.
+    _dpo(ctx, "ipo", "ipo", beta=0.5, length_normalize=True)
 
 
 def kto(ctx: Context) -> None:
     """KTO (Ethayarajh et al. 2024) on the labelers' desirable/undesirable labels."""
     from alignkit.train.kto import KTOConfig, run_kto
 
+    rows = [json.loads(line) for line in ctx.data["unpaired/train"].read_text().splitlines()]
+    n_d = sum(r["label"] for r in rows)
+    # The KTO paper advises λ_D·n_D / (λ_U·n_U) in [1, 4/3]: weight the rarer label up to balance.
+    desirable_weight = max(1.0, (len(rows) - n_d) / max(n_d, 1))
     cfg = KTOConfig(
         model=ModelConfig(path=str(ctx.sft_dir)),
         data=DataConfig(path=str(ctx.data["unpaired/train"]), max_length=96, max_prompt_length=48),
-        optim=OptimConfig(lr=1e-3, batch_size=32, epochs=ctx.scale.dpo_epochs, warmup_ratio=0.05),
-        run=_run(ctx.out, "kto", ctx.cfg.seed), beta=0.1, reference="precomputed",
+        optim=OptimConfig(lr=3e-4, batch_size=32, epochs=ctx.scale.dpo_epochs, warmup_ratio=0.05),
+        run=_run(ctx.out, "kto", ctx.cfg.seed), beta=0.1, reference="precomputed", desirable_weight=desirable_weight,
     )
     run_kto(cfg)
     ctx.curves["kto"] = Path(cfg.run.output_dir) / "metrics.jsonl"
@@ -432,7 +441,7 @@ def _critic_free(ctx: Context, name: str, advantage: str) -> None:
     s = ctx.scale
     cfg = GRPOConfig(**_online_common(ctx, name),
                      optim=OptimConfig(lr=3e-4, batch_size=16, schedule="constant", warmup_ratio=0.0),
-                     rollout=RolloutConfig(prompts_per_rollout=8, samples_per_prompt=4, num_rollouts=s.rl_rollouts, ppo_epochs=1),
+                     rollout=RolloutConfig(prompts_per_rollout=16, samples_per_prompt=4, num_rollouts=s.rl_rollouts, ppo_epochs=1),
                      advantage=advantage)
     result = run_grpo(cfg, prompts=_prompt_messages(ctx), reward=combined_reward(ctx))
     ctx.curves[name] = Path(cfg.run.output_dir) / "metrics.jsonl"
@@ -455,7 +464,7 @@ def rejection_sampling(ctx: Context) -> None:
 
     common = _online_common(ctx, "rejection_sampling")
     cfg = RSConfig(**common, optim=OptimConfig(lr=1e-3, batch_size=16, epochs=2, warmup_ratio=0.05),
-                   num_samples=ctx.scale.best_of_n)
+                   num_samples=ctx.scale.best_of_n, prompts_per_round=ctx.scale.rs_prompts)
     result = run_rs(cfg, prompts=_prompt_messages(ctx), reward=combined_reward(ctx))
     ctx.curves["rejection_sampling"] = Path(cfg.run.output_dir) / "metrics.jsonl"
     _policy_from_dir(ctx, "rejection_sampling", Path(result.output_dir))

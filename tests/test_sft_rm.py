@@ -163,3 +163,21 @@ def test_rm_rejects_sft_data_clearly(tiny_dir, tmp_path, capsys):
     code = main(["rm", f"model.path={tiny_dir}", f"data.path={data}", f"run.output_dir={tmp_path / 'x'}"])
     assert code == 1
     assert "SFTExample" in capsys.readouterr().err
+
+
+def test_padding_free_reward_model_batch_equals_padded(tiny_dir, tiny_tokenizer):
+    """Packed pairs give the same rewards and loss as the padded batch (run.padding_free for rm)."""
+    from alignkit.config import ModelConfig
+    from alignkit.data import PreferencePair, collate_pairs, pack_pairs, tokenize_records
+    from alignkit.models.heads import ScalarHead
+    from alignkit.models.loading import load_scalar_head_model
+    from alignkit.train.rm import pairwise_batch_loss
+
+    head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir)))).eval()
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": "q" * (1 + 3 * i)}], chosen="yes " * (i + 1),
+                            rejected="no", margin=float(i)) for i in range(4)]
+    items, _ = tokenize_records(pairs, tiny_tokenizer)
+    with torch.no_grad():
+        padded, _ = pairwise_batch_loss(True)(head, collate_pairs(items, tiny_tokenizer.pad_token_id))
+        packed, _ = pairwise_batch_loss(True)(head, pack_pairs(items))
+    assert packed.item() == pytest.approx(padded.item(), abs=1e-5)

@@ -57,7 +57,8 @@ class RMConfig:
 
 def pairwise_batch_loss(use_margin: bool):
     def loss(head, batch):
-        rewards = sequence_rewards(head, batch)  # (2B,): chosen block then rejected block
+        # (2B,): chosen block then rejected block; packed rows name each sequence's last token.
+        rewards = sequence_rewards(head, batch, ends=batch.get("last_index"))
         b = rewards.shape[0] // 2
         margin = batch["margin"] if use_margin else None
         losses, metrics = pairwise_rm_loss(rewards[:b], rewards[b:], margin)  # (B,)
@@ -144,7 +145,7 @@ def _evaluator(objective: str, items: list[dict], pad_id: int):
 
 def run_rm(cfg: RMConfig):
     """Train a reward model and save it (plain HF ``*ForSequenceClassification`` directory)."""
-    from alignkit.data import collate_pairs, collate_rated
+    from alignkit.data import collate_pairs, collate_rated, pack_pairs
 
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -159,12 +160,16 @@ def run_rm(cfg: RMConfig):
     pad = tokenizer.pad_token_id
     head = ScalarHead(load_scalar_head_model(cfg.model))
     if objective == "pairwise":
+        # run.padding_free: the pairs of a micro-batch become one packed row (block-diagonal attention).
+        collate = pack_pairs if cfg.run.padding_free else (lambda b: collate_pairs(b, pad))
         task = Task(
-            items=data.train, collate=lambda b: collate_pairs(b, pad), loss=pairwise_batch_loss(cfg.use_margin),
+            items=data.train, collate=collate, loss=pairwise_batch_loss(cfg.use_margin),
             units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad),
             groups=[it.get("group", -1) for it in data.train] if cfg.data.group_rankings else None, name="rm",
         )
     else:
+        if cfg.run.padding_free:
+            print("[alignkit] rm: run.padding_free applies to pairwise reward models; ratings use padded batches")
         task = Task(
             items=data.train, collate=lambda b: collate_rated(b, pad), loss=regression_batch_loss,
             units=lambda b: float(b["score"].numel()), evaluate=_evaluator("regression", data.eval, pad), name="rm",

@@ -1,0 +1,82 @@
+"""`alignkit demo --quick` on a fixed seed: the claims the demo exists to measure.
+
+The margins are wide enough not to flake across machines (the run is seeded and single-threaded)
+and tight enough to fail when learning breaks: an untrained reward model sits at 50% accuracy and
+picks random best-of-N samples, a broken policy update leaves the gold reward at the SFT level.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from alignkit.cli import main
+
+REQUIRED_POLICY_KEYS = {"gold_reward", "helpfulness", "safety_violation_rate", "hallucination_rate",
+                        "false_refusal_rate", "kl_to_sft", "win_rate_vs_sft", "n_prompts"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--seed", "0", "--out", str(out)]) == 0
+    for name in ("report.json", "report.md", "frontier.png", "training_curves.png"):
+        assert (out / name).exists(), name
+    return json.loads((out / "report.json").read_text())
+
+
+def test_report_has_the_documented_shape(report):
+    assert report["seed"] == 0 and report["quick"] is True
+    assert {"helpfulness", "safety"} <= set(report["reward_models"])
+    for rm in report["reward_models"].values():
+        assert "accuracy" in rm and "accuracy_by_margin" in rm
+    assert "sft" in report["policies"]
+    for name, p in report["policies"].items():
+        assert REQUIRED_POLICY_KEYS <= set(p), name
+        assert p["n_prompts"] > 100
+    assert report["policies"]["sft"]["win_rate_vs_sft"] == 0.5
+    assert report["timings_s"]["total"] > 0
+
+
+def test_reward_models_are_well_above_chance_and_use_margins(report):
+    for name in ("helpfulness", "safety"):
+        rm = report["reward_models"][name]
+        assert rm["accuracy"] >= 0.55, (name, rm["accuracy"])
+        by = rm["accuracy_by_margin"]
+        assert len(by) >= 3, "margin labels should span several buckets"
+        big = [v for k, v in by.items() if "significantly" in k]
+        assert big and big[0] >= rm["accuracy"], "clear preferences should be the easiest to predict"
+
+
+def test_preference_learning_beats_sft(report):
+    pol = report["policies"]
+    sft = pol["sft"]["gold_reward"]
+    assert pol["best_of_n/combined"]["gold_reward"] > sft + 0.03
+    trained = {k: v for k, v in pol.items() if k in ("dpo", "ppo", "ppo_ptx", "grpo", "rloo", "rejection_sampling")}
+    assert trained, "the trained methods should run in the demo"
+    winners = [k for k, v in trained.items() if v["gold_reward"] > sft + 0.05]
+    assert {"ppo", "grpo"} & set(winners), winners
+    for v in trained.values():
+        assert v["kl_to_sft"] > 0  # the KL is reported, and training moved the policy
+
+
+def test_safety_reward_model_lowers_violations(report):
+    pol = report["policies"]
+    helpful_only = pol["best_of_n/helpfulness"]["safety_violation_rate"]
+    combined = pol["best_of_n/combined"]["safety_violation_rate"]
+    assert combined < helpful_only - 0.1
+    assert pol["best_of_n/combined"]["false_refusal_rate"] is not None
+
+
+def test_hallucination_needs_labelers_who_punish_it(report):
+    pol = report["policies"]
+    sft = pol["sft"]["hallucination_rate"]
+    assert pol["best_of_n/confident_labelers"]["hallucination_rate"] >= sft
+    assert pol["best_of_n/helpfulness"]["hallucination_rate"] < sft - 0.1
+    assert pol["best_of_n/helpfulness"]["hallucination_rate"] < pol["best_of_n/confident_labelers"]["hallucination_rate"] - 0.1
+
+
+def test_ptx_lowers_the_alignment_tax(report):
+    pol = report["policies"]
+    assert pol["ppo_ptx"]["pretrain_loss"] < pol["ppo"]["pretrain_loss"]
