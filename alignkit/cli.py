@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rloo": ("alignkit.train.grpo", "RLOOConfig", "run_rloo", "REINFORCE leave-one-out (critic-free) from a reward"),
     "rs": ("alignkit.train.rejection_sampling", "RSConfig", "run_rs", "rejection sampling: best of N under the reward, then fine-tune on it"),
     "tiny-model": ("alignkit.models.factory", "TinyCommandConfig", "run_tiny_model", "build a tiny local Llama + BPE tokenizer from a corpus (no network)"),
+    "iterate": ("alignkit.demo", "IterateConfig", "run_iterate", "iterative RLHF rounds on the alignment world: label, retrain reward models, rejection-sample"),
     "demo": ("alignkit.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded alignment world, measured by its gold judge"),
 }
 

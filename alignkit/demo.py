@@ -56,6 +56,7 @@ class Scale:
     eval_samples: int  # samples per held-out prompt when evaluating a policy
     dpo_epochs: float = 2
     rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)
+    rounds: int = 2  # iterative RLHF rounds
     rl_rollouts: int = 10  # rollouts (PPO, GRPO, RLOO)
     max_new_tokens: int = 24
     hidden_size: int = 96
@@ -186,14 +187,14 @@ def _sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_toke
     return model, gen.generate([_messages(p.text) for p in prompts], n=n, seed=seed)
 
 
-def _diverse_samples(ctx: Context, prompts, seed: int) -> list[str]:
+def _diverse_samples(ctx: Context, policy_dir: Path, prompts, seed: int) -> list[str]:
     """Samples to compare, ``samples_per_prompt`` per prompt (consecutive): half at temperature 1
     and half at a higher temperature, as Llama 2 varied models and temperatures to make the two
     responses of a comparison differ."""
     s = ctx.scale
     half = s.samples_per_prompt // 2
-    _, a = _sample(ctx.sft_dir, ctx.tokenizer, prompts, half, seed, s.max_new_tokens, temperature=1.0)
-    _, b = _sample(ctx.sft_dir, ctx.tokenizer, prompts, s.samples_per_prompt - half, seed + 1, s.max_new_tokens,
+    _, a = _sample(policy_dir, ctx.tokenizer, prompts, half, seed, s.max_new_tokens, temperature=1.0)
+    _, b = _sample(policy_dir, ctx.tokenizer, prompts, s.samples_per_prompt - half, seed + 1, s.max_new_tokens,
                    temperature=COMPARISON_HOT_TEMPERATURE)
     texts = []
     for i in range(len(prompts)):
@@ -238,57 +239,71 @@ def _label_prompts(world, split: str, seed: int) -> list:
     return chosen
 
 
+def collect_comparisons(ctx: Context, policy_dir: Path, split: str, seed: int, names=tuple(ANNOTATIONS)) -> tuple[dict, list, list]:
+    """Sample ``policy_dir`` on a balanced set of ``split`` prompts and label every pair of samples
+    with each annotation in ``names``. Returns ({name: records}, prompts, samples)."""
+    s, w = ctx.scale, ctx.world
+    prompts = _label_prompts(w, split, seed)
+    texts = _diverse_samples(ctx, policy_dir, prompts, seed)
+    records, stats = {}, {}
+    for name in names:
+        kind, variant, kinds = ANNOTATIONS[name]
+        labeler = w.labeler(kind, variant, temperature=LABELER_TEMPERATURE, seed=seed + 17 * len(name))
+        pairs = [t for t in _pairs_of(prompts, texts, s.samples_per_prompt) if kinds is None or t[0].kind in kinds]
+        records[name], stats[name] = labeler.label_pairs(pairs)
+    ctx.extra.setdefault("labels", {}).update({f"{k}/{split}/{seed}": v for k, v in stats.items()})
+    return records, prompts, texts
+
+
 def comparisons(ctx: Context) -> None:
     """Sample the SFT policy on train and held-out prompts; label with every labeler."""
-    s, w = ctx.scale, ctx.world
-    stats = {}
     for split in ("train", "heldout"):
-        prompts = _label_prompts(w, split, ctx.cfg.seed)
-        texts = _diverse_samples(ctx, prompts, ctx.cfg.seed + 10 * (split == "heldout"))
-        for name, (kind, variant, kinds) in ANNOTATIONS.items():
-            labeler = w.labeler(kind, variant, temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 17 * len(name))
-            pairs = [t for t in _pairs_of(prompts, texts, s.samples_per_prompt) if kinds is None or t[0].kind in kinds]
-            records, counts = labeler.label_pairs(pairs)
-            ctx.data[f"{name}/{split}"] = _write_jsonl(ctx.out / "data" / f"{name}-{split}.jsonl", records)
-            stats[f"{name}/{split}"] = counts
+        seed = ctx.cfg.seed + 10 * (split == "heldout")
+        records, prompts, texts = collect_comparisons(ctx, ctx.sft_dir, split, seed)
+        for name, rows in records.items():
+            ctx.data[f"{name}/{split}"] = _write_jsonl(ctx.out / "data" / f"{name}-{split}.jsonl", rows)
         if split == "train":
             # Unpaired desirable/undesirable labels (KTO) from the combined (overall) labeler.
-            lab = w.labeler("overall", "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
-            n = s.samples_per_prompt
+            lab = ctx.world.labeler("overall", "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
+            n = ctx.scale.samples_per_prompt
             rows = lab.label_unpaired([(prompts[k // n], t) for k, t in enumerate(texts)], threshold=0.5)
             ctx.data["unpaired/train"] = _write_jsonl(ctx.out / "data" / "unpaired-train.jsonl", rows)
-    ctx.extra["labels"] = stats
-    print("[demo] comparisons:", json.dumps(stats))
+    print("[demo] comparisons:", json.dumps({k: v["labelled"] for k, v in ctx.extra["labels"].items()}))
 
 
-def reward_models(ctx: Context) -> None:
+def train_reward_model(ctx: Context, train: Path, heldout: Path, out: Path, epochs: float) -> dict:
+    """Train a reward model from the SFT policy; return its held-out accuracy report."""
     from alignkit.train.evaluate_rm import EvalRMConfig, run_eval_rm
     from alignkit.train.rm import RMConfig, run_rm
 
-    for name in ("helpfulness", "safety", "helpfulness_confident"):
+    cfg = RMConfig(
+        model=ModelConfig(path=str(ctx.sft_dir)),
+        data=DataConfig(path=str(train), eval_path=str(heldout), max_length=96, max_prompt_length=48),
+        optim=OptimConfig(lr=1e-3, batch_size=32, epochs=epochs, warmup_ratio=0.05),
+        run=RunConfig(output_dir=str(out), seed=ctx.cfg.seed, report_to="jsonl"),
+    )
+    run_rm(cfg)
+    metrics = run_eval_rm(EvalRMConfig(model=ModelConfig(path=str(out)),
+                                       data=DataConfig(path=str(heldout), shuffle=False, max_length=96, max_prompt_length=48)))
+    return {k: metrics[k] for k in ("accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "margin_mean")}
+
+
+def reward_models(ctx: Context, names=("helpfulness", "safety", "helpfulness_confident")) -> None:
+    for name in names:
         out = ctx.out / f"rm-{name}"
-        cfg = RMConfig(
-            model=ModelConfig(path=str(ctx.sft_dir)),
-            data=DataConfig(path=str(ctx.data[f"{name}/train"]), eval_path=str(ctx.data[f"{name}/heldout"]),
-                            max_length=96, max_prompt_length=48),
-            optim=OptimConfig(lr=1e-3, batch_size=32, epochs=ctx.scale.rm_epochs, warmup_ratio=0.05),
-            run=_run(ctx.out, f"rm-{name}", ctx.cfg.seed),
-        )
-        run_rm(cfg)
+        ctx.rm_report[name] = train_reward_model(ctx, ctx.data[f"{name}/train"], ctx.data[f"{name}/heldout"], out,
+                                                 ctx.scale.rm_epochs)
         ctx.reward_models[name] = out
         ctx.curves[f"rm-{name}"] = out / "metrics.jsonl"
-        metrics = run_eval_rm(EvalRMConfig(model=ModelConfig(path=str(out)),
-                                           data=DataConfig(path=str(ctx.data[f"{name}/heldout"]), shuffle=False,
-                                                           max_length=96, max_prompt_length=48)))
-        ctx.rm_report[name] = {k: metrics[k] for k in ("accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "margin_mean")}
 
 
-def combined_reward(ctx: Context, helpful: str = "helpfulness"):
-    """Llama 2's gated combination of the helpfulness and safety reward models."""
+def combined_reward(ctx: Context, dirs: dict[str, Path] | None = None):
+    """Llama 2's gated combination of the helpfulness and safety reward models: the safety score
+    where it is below 0 (the centred reward of an average response), else the helpfulness score."""
     from alignkit.rollout.rewards import RewardModel, SafetyGated
 
-    return SafetyGated(RewardModel(str(ctx.reward_models[helpful])), RewardModel(str(ctx.reward_models["safety"])),
-                       threshold=0.0)
+    dirs = dirs or ctx.reward_models
+    return SafetyGated(RewardModel(str(dirs["helpfulness"])), RewardModel(str(dirs["safety"])), threshold=0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,16 +473,56 @@ def rloo(ctx: Context) -> None:
     _critic_free(ctx, "rloo", "rloo")
 
 
-def rejection_sampling(ctx: Context) -> None:
-    """Rejection sampling (Llama 2): best of N SFT samples under the combined reward, fine-tuned on."""
+def _rs(ctx: Context, policy_dir: Path, reward, out: Path) -> Path:
     from alignkit.train.rejection_sampling import RSConfig, run_rs
 
     common = _online_common(ctx, "rejection_sampling")
+    common["model"] = ModelConfig(path=str(policy_dir))
+    common["run"] = RunConfig(output_dir=str(out), seed=ctx.cfg.seed, report_to="jsonl")
     cfg = RSConfig(**common, optim=OptimConfig(lr=1e-3, batch_size=16, epochs=2, warmup_ratio=0.05),
                    num_samples=ctx.scale.best_of_n, prompts_per_round=ctx.scale.rs_prompts)
-    result = run_rs(cfg, prompts=_prompt_messages(ctx), reward=combined_reward(ctx))
-    ctx.curves["rejection_sampling"] = Path(cfg.run.output_dir) / "metrics.jsonl"
-    _policy_from_dir(ctx, "rejection_sampling", Path(result.output_dir))
+    return Path(run_rs(cfg, prompts=_prompt_messages(ctx), reward=reward).output_dir)
+
+
+def rejection_sampling(ctx: Context) -> None:
+    """Rejection sampling (Llama 2): best of N SFT samples under the combined reward, fine-tuned on."""
+    out = _rs(ctx, ctx.sft_dir, combined_reward(ctx), ctx.out / "rejection_sampling")
+    ctx.curves["rejection_sampling"] = out / "metrics.jsonl"
+    _policy_from_dir(ctx, "rejection_sampling", out)
+
+
+def iterative(ctx: Context) -> None:
+    """Iterative rounds (Llama 2's RLHF-V1…): each round labels the current policy's samples, retrains
+    the helpfulness and safety reward models on all comparisons so far and runs rejection sampling
+    from the current policy. Round 1 uses the SFT comparisons and reward models already trained."""
+    from alignkit.train.iterate import run_rounds
+
+    names = ("helpfulness", "safety")
+
+    def collect(policy: Path, r: int) -> dict[str, list[dict]]:
+        if r == 1:
+            return {n: [json.loads(line) for line in ctx.data[f"{n}/train"].read_text().splitlines()] for n in names}
+        records, _, _ = collect_comparisons(ctx, policy, "train", ctx.cfg.seed + 1000 * r, names)
+        return records
+
+    def train_rewards(files: dict[str, Path], round_dir: Path, r: int) -> dict[str, Path]:
+        if r == 1:
+            return {n: ctx.reward_models[n] for n in names}
+        dirs = {}
+        for n in names:
+            dirs[n] = round_dir / f"rm-{n}"
+            ctx.rm_report[f"{n}/round{r}"] = train_reward_model(ctx, files[n], ctx.data[f"{n}/heldout"], dirs[n],
+                                                                 ctx.scale.rm_epochs)
+        return dirs
+
+    def optimise(policy: Path, dirs: dict[str, Path], out: Path, r: int) -> Path:
+        done = ctx.out / "rejection_sampling"
+        if r == 1 and (done / "config.json").exists():
+            return done  # the rejection_sampling method already ran this exact round
+        return _rs(ctx, policy, combined_reward(ctx, dirs), out)
+
+    for rec in run_rounds(ctx.out / "iterative", ctx.sft_dir, ctx.scale.rounds, collect, train_rewards, optimise):
+        _policy_from_dir(ctx, f"iterative/round{rec.round}", Path(rec.policy_dir))
 
 
 #: method name -> stage function, run in this order, each from the same SFT policy.
@@ -477,6 +532,7 @@ METHODS: dict[str, Callable[[Context], None]] = {
     "ipo": ipo,
     "kto": kto,
     "rejection_sampling": rejection_sampling,
+    "iterative": iterative,
     "ppo": ppo,
     "ppo_ptx": ppo_ptx,
     "grpo": grpo,
@@ -526,6 +582,51 @@ def evaluate(ctx: Context) -> dict:
             "per_kind": {k: {"gold_reward": v["gold_reward"]} for k, v in ev["per_kind"].items()},
             "examples": [{"prompt": p.text, "response": t} for p, t in list(zip(pol["prompts"], pol["texts"]))[::37][:5]],
         }
+    return report
+
+
+@dataclass
+class IterateConfig:
+    """`alignkit iterate`: iterative RLHF rounds on the alignment world from a policy trained on it
+    (e.g. `demo-out/sft`): label the policy's samples with the simulated labelers, retrain the
+    helpfulness and safety reward models on all comparisons so far, rejection-sample; repeat."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to start from (a model trained on the world, such as the demo's `sft` directory)."""
+    out: str = "iterate-out"
+    """Directory for the rounds (resumable: `rounds.json` lists finished rounds), data and report.json."""
+    seed: int = 0
+    """Seed of the world (must match the one the policy was trained on) and of the sampling."""
+    rounds: int = 2
+    """Number of rounds."""
+    quick: bool = False
+    """Smaller samples and shorter reward-model training."""
+    threads: int = 1
+    """torch CPU threads (0 = torch's default)."""
+
+
+def run_iterate(cfg: IterateConfig) -> dict:
+    from alignkit.models.loading import load_tokenizer
+    from alignkit.world import World
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    scale = QUICK if cfg.quick else FULL
+    scale = Scale(**{**scale.__dict__, "rounds": cfg.rounds})
+    out = Path(cfg.out)
+    ctx = Context(cfg=DemoConfig(out=cfg.out, seed=cfg.seed, quick=cfg.quick), scale=scale, world=World(seed=cfg.seed),
+                  out=out, tokenizer=load_tokenizer(cfg.model.path), sft_dir=Path(cfg.model.path))
+    stages = Stages(total=5)
+    stages.run("comparison data from simulated labelers", comparisons, ctx)
+    stages.run("reward models (helpfulness, safety)", reward_models, ctx, ("helpfulness", "safety"))
+    stages.run("sample the starting policy", sft_policy, ctx)
+    stages.run("iterative rounds", iterative, ctx)
+    policies = stages.run("gold-judge evaluation", evaluate, ctx)
+    report = {"seed": cfg.seed, "rounds": cfg.rounds, "reward_models": ctx.rm_report, "policies": policies,
+              "timings_s": stages.timings}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    for name, p in policies.items():
+        print(f"[iterate] {name}: gold reward {p['gold_reward']:.3f}, KL to start {p['kl_to_sft']:.2f}")
     return report
 
 

@@ -75,6 +75,10 @@ def findings(report: dict) -> list[str]:
     if ppo_ and ptx and ppo_.get("pretrain_loss") is not None:
         out.append(f"Alignment tax: held-out pretraining loss SFT {sft['pretrain_loss']:.3f}, PPO {ppo_['pretrain_loss']:.3f}, "
                    f"PPO-ptx {ptx['pretrain_loss']:.3f} (gold reward {ppo_['gold_reward']:.3f} vs {ptx['gold_reward']:.3f}).")
+    rounds = sorted((n for n in pol if n.startswith("iterative/round")), key=lambda n: int(n.rsplit("round", 1)[1]))
+    if rounds:
+        out.append("Iterative rounds: " + ", ".join(f"{n.split('/')[1]} gold reward {pol[n]['gold_reward']:.3f} (KL {pol[n]['kl_to_sft']:.2f})"
+                                                   for n in rounds) + f"; SFT {sft['gold_reward']:.3f}.")
     rms = report.get("reward_models", {})
     if rms:
         out.append("Reward-model held-out accuracy: " + ", ".join(f"{k} {_fmt(v['accuracy'], True)}" for k, v in rms.items()) + ".")
