@@ -37,8 +37,9 @@ class DemoConfig:
     """Seed of the world, the models and the sampling."""
     quick: bool = False
     """A smaller, faster run (fewer steps and samples): about 3 minutes on 2 CPU cores."""
-    methods: str = "all"
-    """Comma-separated alignment methods to run after SFT (see `alignkit.demo.METHODS`), or 'all'."""
+    methods: str = "default"
+    """Comma-separated alignment methods to run after SFT (see `alignkit.demo.METHODS`), 'all', or 'default'
+    (all of them; with --quick the core ones: best-of-N, DPO, rejection sampling, PPO, PPO-ptx, GRPO, RLOO)."""
     threads: int = 1
     """torch CPU threads (0 = torch's default). Tiny models run fastest on one: on this project's 2-core
     machines one thread trained 16.7k tokens/s, two threads far less whenever anything else ran."""
@@ -423,7 +424,7 @@ def _online_common(ctx: Context, name: str):
     )
 
 
-def _ppo(ctx: Context, name: str, ptx: bool) -> None:
+def _ppo(ctx: Context, name: str, ptx: bool = False, reward=None, cost=None, cost_threshold: float = 0.0) -> None:
     from alignkit.train.online import KLConfig, RolloutConfig
     from alignkit.train.ppo import PPOConfig, run_ppo
 
@@ -432,11 +433,28 @@ def _ppo(ctx: Context, name: str, ptx: bool) -> None:
                     optim=OptimConfig(lr=3e-4, batch_size=16, schedule="constant", warmup_ratio=0.0),
                     rollout=RolloutConfig(prompts_per_rollout=32, samples_per_prompt=1, num_rollouts=s.rl_rollouts, ppo_epochs=2),
                     kl=KLConfig(kl_coef=0.05, kl_estimator="k1"), value_model="shared", vf_coef=0.1,
-                    ptx_coef=0.5 if ptx else 0.0)
+                    ptx_coef=0.5 if ptx else 0.0, cost_threshold=cost_threshold, lagrange_lr=0.5)
     ptx_texts = ctx.world.pretraining_corpus()[:512] if ptx else None
-    result = run_ppo(cfg, prompts=_prompt_messages(ctx), reward=combined_reward(ctx), ptx_texts=ptx_texts)
+    result = run_ppo(cfg, prompts=_prompt_messages(ctx), reward=reward or combined_reward(ctx), cost=cost, ptx_texts=ptx_texts)
     ctx.curves[name] = Path(cfg.run.output_dir) / "metrics.jsonl"
     _policy_from_dir(ctx, name, Path(result.output_dir))
+    if cost is not None:
+        rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+        costs = [r["cost"] for r in rows if "cost" in r]
+        ctx.policies[name]["cost_threshold"] = cost_threshold
+        ctx.policies[name]["final_cost"] = costs[-1] if costs else None
+
+
+def ppo_safety_constrained(ctx: Context) -> None:
+    """Safe RLHF (Dai et al. 2024): PPO maximising the helpfulness reward alone, subject to
+    E[cost] ≤ 0 with cost = −(safety reward), the Lagrange multiplier learnt; beside it the same
+    PPO without the constraint."""
+    from alignkit.rollout.rewards import RewardModel, WeightedSum
+
+    helpful = RewardModel(str(ctx.reward_models["helpfulness"]))
+    _ppo(ctx, "ppo_helpfulness_only", reward=helpful)
+    cost = WeightedSum([(RewardModel(str(ctx.reward_models["safety"])), -1.0)], name="cost=-safety")
+    _ppo(ctx, "ppo_cost_constrained", reward=helpful, cost=cost, cost_threshold=0.0)
 
 
 def ppo(ctx: Context) -> None:
@@ -535,10 +553,15 @@ METHODS: dict[str, Callable[[Context], None]] = {
     "iterative": iterative,
     "ppo": ppo,
     "ppo_ptx": ppo_ptx,
+    "ppo_safety_constrained": ppo_safety_constrained,
     "grpo": grpo,
     "rloo": rloo,
 }
 
+
+#: What `--quick` runs by default, to stay within about 3 minutes on 2 CPU cores; IPO, KTO, the
+#: iterative rounds and the cost-constrained PPO run in the full demo (or with methods=all).
+QUICK_METHODS = ("best_of_n", "dpo", "rejection_sampling", "ppo", "ppo_ptx", "grpo", "rloo")
 
 # --------------------------------------------------------------------------------------------
 # Stage 4 and 5: evaluation and the report
@@ -641,7 +664,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     scale = QUICK if cfg.quick else FULL
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    wanted = list(METHODS) if cfg.methods == "all" else [m.strip() for m in cfg.methods.split(",") if m.strip()]
+    if cfg.methods == "all" or (cfg.methods == "default" and not cfg.quick):
+        wanted = list(METHODS)
+    elif cfg.methods == "default":
+        wanted = list(QUICK_METHODS)
+    else:
+        wanted = [m.strip() for m in cfg.methods.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise ValueError(f"demo: unknown method(s) {unknown}; available: {', '.join(METHODS)}")

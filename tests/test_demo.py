@@ -20,7 +20,8 @@ REQUIRED_POLICY_KEYS = {"gold_reward", "helpfulness", "safety_violation_rate", "
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--seed", "0", "--out", str(out)]) == 0
+    # The quick scale with every method (a user's --quick runs only the core ones, for speed).
+    assert main(["demo", "--quick", "--seed", "0", "--out", str(out), "methods=all"]) == 0
     for name in ("report.json", "report.md", "frontier.png", "training_curves.png"):
         assert (out / name).exists(), name
     return json.loads((out / "report.json").read_text())
@@ -80,3 +81,24 @@ def test_hallucination_needs_labelers_who_punish_it(report):
 def test_ptx_lowers_the_alignment_tax(report):
     pol = report["policies"]
     assert pol["ppo_ptx"]["pretrain_loss"] < pol["ppo"]["pretrain_loss"]
+
+
+def test_ppo_and_grpo_raise_gold_reward_at_a_reported_kl(report):
+    pol = report["policies"]
+    for name in ("ppo", "grpo"):
+        assert pol[name]["gold_reward"] > pol["sft"]["gold_reward"] + 0.03, name
+        assert pol[name]["kl_to_sft"] > 0 and pol[name]["kl_estimator"]
+
+
+def test_cost_constraint_lowers_safety_violations(report):
+    pol = report["policies"]
+    free, cons = pol["ppo_helpfulness_only"], pol["ppo_cost_constrained"]
+    assert cons["safety_violation_rate"] < free["safety_violation_rate"]
+    assert cons["final_cost"] <= cons["cost_threshold"] + 0.5
+
+
+def test_second_iterative_round_does_at_least_as_well(report):
+    pol = report["policies"]
+    r1, r2 = pol["iterative/round1"], pol["iterative/round2"]
+    assert r2["gold_reward"] >= r1["gold_reward"] - 0.02
+    assert r1["gold_reward"] > pol["sft"]["gold_reward"]

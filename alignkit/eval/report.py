@@ -75,6 +75,12 @@ def findings(report: dict) -> list[str]:
     if ppo_ and ptx and ppo_.get("pretrain_loss") is not None:
         out.append(f"Alignment tax: held-out pretraining loss SFT {sft['pretrain_loss']:.3f}, PPO {ppo_['pretrain_loss']:.3f}, "
                    f"PPO-ptx {ptx['pretrain_loss']:.3f} (gold reward {ppo_['gold_reward']:.3f} vs {ptx['gold_reward']:.3f}).")
+    free, cons = pol.get("ppo_helpfulness_only"), pol.get("ppo_cost_constrained")
+    if free and cons:
+        out.append(f"Safe-RLHF cost constraint (helpfulness reward, cost = −safety reward ≤ {cons.get('cost_threshold', 0):g}): "
+                   f"safety violations {_fmt(free['safety_violation_rate'], True)} unconstrained, "
+                   f"{_fmt(cons['safety_violation_rate'], True)} constrained (final mean cost "
+                   f"{_fmt(cons.get('final_cost'))}); gold reward {free['gold_reward']:.3f} vs {cons['gold_reward']:.3f}.")
     rounds = sorted((n for n in pol if n.startswith("iterative/round")), key=lambda n: int(n.rsplit("round", 1)[1]))
     if rounds:
         out.append("Iterative rounds: " + ", ".join(f"{n.split('/')[1]} gold reward {pol[n]['gold_reward']:.3f} (KL {pol[n]['kl_to_sft']:.2f})"
