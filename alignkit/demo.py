@@ -15,7 +15,6 @@ Everything the pipeline trains on comes from the labelers; the gold judge only e
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable

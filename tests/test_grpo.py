@@ -19,13 +19,6 @@ def digits(prompt, response: str) -> float:
     return sum(c.isdigit() for c in response) / max(1, len(response))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(cls, tiny_dir, out, rollouts=10, **kw):
     cfg = cls(

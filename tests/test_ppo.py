@@ -27,13 +27,6 @@ def odd_digits(prompt, response: str) -> float:
     return sum(c in "13579" for c in response) / max(1, len(response))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _cfg(tiny_dir, out, rollouts=10, **kw) -> PPOConfig:
     cfg = PPOConfig(

@@ -19,13 +19,6 @@ def digits(prompt, response: str) -> float:
     return sum(c.isdigit() for c in response) / max(1, len(response))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_select_best_keeps_the_argmax_of_each_group_and_trains_on_its_tokens():
     gens = Generations(prompt_ids=[[5, 6]] * 3 + [[7]] * 3, response_ids=[[10, 1], [11, 1], [12], [13, 1], [14, 1], [15, 1]],

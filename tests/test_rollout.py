@@ -15,15 +15,6 @@ from alignkit.train.online import (
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and a busy 2-core machine makes more threads thrash.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gens() -> Generations:
     return Generations(
         prompt_ids=[[5, 6, 7], [8], [9, 10], [11, 12]],
