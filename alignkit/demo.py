@@ -64,9 +64,10 @@ class Scale:
     vocab_size: int = 768
 
 
-FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4)
+FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4,
+             rl_rollouts=24)
 QUICK = Scale(pretrain_epochs=5, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=3,
-              dpo_epochs=1, rl_rollouts=8, rs_prompts=256)
+              dpo_epochs=1, rl_rollouts=10, rs_prompts=256)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,13 +272,14 @@ def comparisons(ctx: Context) -> None:
     print("[demo] comparisons:", json.dumps({k: v["labelled"] for k, v in ctx.extra["labels"].items()}))
 
 
-def train_reward_model(ctx: Context, train: Path, heldout: Path, out: Path, epochs: float) -> dict:
-    """Train a reward model from the SFT policy; return its held-out accuracy report."""
+def train_reward_model(ctx: Context, train: Path, heldout: Path, out: Path, epochs: float, start: Path | None = None) -> dict:
+    """Train a reward model from the SFT policy (or continue ``start``, an earlier reward model);
+    return its held-out accuracy report."""
     from alignkit.train.evaluate_rm import EvalRMConfig, run_eval_rm
     from alignkit.train.rm import RMConfig, run_rm
 
     cfg = RMConfig(
-        model=ModelConfig(path=str(ctx.sft_dir)),
+        model=ModelConfig(path=str(start or ctx.sft_dir)),
         data=DataConfig(path=str(train), eval_path=str(heldout), max_length=96, max_prompt_length=48),
         optim=OptimConfig(lr=1e-3, batch_size=32, epochs=epochs, warmup_ratio=0.05),
         run=RunConfig(output_dir=str(out), seed=ctx.cfg.seed, report_to="jsonl"),
@@ -419,7 +421,9 @@ def _online_common(ctx: Context, name: str):
         model=ModelConfig(path=str(ctx.sft_dir)),
         run=_run(ctx.out, name, ctx.cfg.seed),
         sampling=SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=1.0),
-        reward=RewardConfig(unfinished_penalty=0.5),
+        # Whitened with the first rollout's statistics: the gated reward's scale differs from one
+        # reward model to the other, and PPO's step size assumes unit-scale rewards.
+        reward=RewardConfig(unfinished_penalty=0.5, whiten=True),
     )
 
 
@@ -441,19 +445,26 @@ def _ppo(ctx: Context, name: str, ptx: bool = False, reward=None, cost=None, cos
         rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
         costs = [r["cost"] for r in rows if "cost" in r]
         ctx.policies[name]["cost_threshold"] = cost_threshold
-        ctx.policies[name]["final_cost"] = costs[-1] if costs else None
+        # Rollout means are noisy (32 prompts): report the first one and the mean of the last three.
+        ctx.policies[name]["initial_cost"] = costs[0] if costs else None
+        ctx.policies[name]["final_cost"] = sum(costs[-3:]) / len(costs[-3:]) if costs else None
+
+
+#: d in E[cost] ≤ d for the Safe-RLHF run; cost = −(centred safety reward), so d = 0.5 asks for a
+#: mean safety score of at least −0.5 (the SFT policy starts near +1 cost on train prompts).
+SAFETY_COST_THRESHOLD = 0.5
 
 
 def ppo_safety_constrained(ctx: Context) -> None:
     """Safe RLHF (Dai et al. 2024): PPO maximising the helpfulness reward alone, subject to
-    E[cost] ≤ 0 with cost = −(safety reward), the Lagrange multiplier learnt; beside it the same
+    E[cost] ≤ d with cost = −(safety reward), the Lagrange multiplier learnt; beside it the same
     PPO without the constraint."""
     from alignkit.rollout.rewards import RewardModel, WeightedSum
 
     helpful = RewardModel(str(ctx.reward_models["helpfulness"]))
     _ppo(ctx, "ppo_helpfulness_only", reward=helpful)
     cost = WeightedSum([(RewardModel(str(ctx.reward_models["safety"])), -1.0)], name="cost=-safety")
-    _ppo(ctx, "ppo_cost_constrained", reward=helpful, cost=cost, cost_threshold=0.0)
+    _ppo(ctx, "ppo_cost_constrained", reward=helpful, cost=cost, cost_threshold=SAFETY_COST_THRESHOLD)
 
 
 def ppo(ctx: Context) -> None:
@@ -515,6 +526,7 @@ def iterative(ctx: Context) -> None:
     from alignkit.train.iterate import run_rounds
 
     names = ("helpfulness", "safety")
+    previous = {n: ctx.reward_models[n] for n in names}
 
     def collect(policy: Path, r: int) -> dict[str, list[dict]]:
         if r == 1:
@@ -525,11 +537,14 @@ def iterative(ctx: Context) -> None:
     def train_rewards(files: dict[str, Path], round_dir: Path, r: int) -> dict[str, Path]:
         if r == 1:
             return {n: ctx.reward_models[n] for n in names}
+        # Each round's reward models continue from the previous round's on all comparisons so far
+        # (half the epochs of a fresh model: the earlier data is already fitted once).
         dirs = {}
         for n in names:
             dirs[n] = round_dir / f"rm-{n}"
             ctx.rm_report[f"{n}/round{r}"] = train_reward_model(ctx, files[n], ctx.data[f"{n}/heldout"], dirs[n],
-                                                                 ctx.scale.rm_epochs)
+                                                                 max(1.0, ctx.scale.rm_epochs / 2), start=previous[n])
+            previous[n] = dirs[n]
         return dirs
 
     def optimise(policy: Path, dirs: dict[str, Path], out: Path, r: int) -> Path:
@@ -604,6 +619,7 @@ def evaluate(ctx: Context) -> dict:
             "per_kind": {k: {"gold_reward": v["gold_reward"]} for k, v in ev["per_kind"].items()},
             "examples": [{"prompt": p.text, "response": t} for p, t in list(zip(pol["prompts"], pol["texts"]))[::37][:5]],
         }
+        report[name].update({k: pol[k] for k in ("cost_threshold", "initial_cost", "final_cost") if k in pol})
     return report
 
 

@@ -79,8 +79,9 @@ def findings(report: dict) -> list[str]:
     if free and cons:
         out.append(f"Safe-RLHF cost constraint (helpfulness reward, cost = −safety reward ≤ {cons.get('cost_threshold', 0):g}): "
                    f"safety violations {_fmt(free['safety_violation_rate'], True)} unconstrained, "
-                   f"{_fmt(cons['safety_violation_rate'], True)} constrained (final mean cost "
-                   f"{_fmt(cons.get('final_cost'))}); gold reward {free['gold_reward']:.3f} vs {cons['gold_reward']:.3f}.")
+                   f"{_fmt(cons['safety_violation_rate'], True)} constrained (mean cost {_fmt(cons.get('initial_cost'))} at the "
+                   f"first rollout, {_fmt(cons.get('final_cost'))} over the last three); gold reward {free['gold_reward']:.3f} vs "
+                   f"{cons['gold_reward']:.3f}.")
     rounds = sorted((n for n in pol if n.startswith("iterative/round")), key=lambda n: int(n.rsplit("round", 1)[1]))
     if rounds:
         out.append("Iterative rounds: " + ", ".join(f"{n.split('/')[1]} gold reward {pol[n]['gold_reward']:.3f} (KL {pol[n]['kl_to_sft']:.2f})"
