@@ -412,6 +412,11 @@ def kto(ctx: Context) -> None:
     _policy_from_dir(ctx, "kto", Path(cfg.run.output_dir))
 
 
+#: Learning rate and KL coefficient of the online methods (PPO, GRPO, RLOO).
+RL_LR = 3e-4
+RL_KL_COEF = 0.05
+
+
 def _online_common(ctx: Context, name: str):
     from alignkit.rollout.generate import SamplingConfig
     from alignkit.train.online import RewardConfig
@@ -433,9 +438,9 @@ def _ppo(ctx: Context, name: str, ptx: bool = False, reward=None, cost=None, cos
 
     s = ctx.scale
     cfg = PPOConfig(**_online_common(ctx, name),
-                    optim=OptimConfig(lr=3e-4, batch_size=16, schedule="constant", warmup_ratio=0.0),
+                    optim=OptimConfig(lr=RL_LR, batch_size=16, schedule="constant", warmup_ratio=0.0),
                     rollout=RolloutConfig(prompts_per_rollout=32, samples_per_prompt=1, num_rollouts=s.rl_rollouts, ppo_epochs=2),
-                    kl=KLConfig(kl_coef=0.05, kl_estimator="k1"), value_model="shared", vf_coef=0.1,
+                    kl=KLConfig(kl_coef=RL_KL_COEF, kl_estimator="k1"), value_model="shared", vf_coef=0.1,
                     ptx_coef=0.5 if ptx else 0.0, cost_threshold=cost_threshold, lagrange_lr=0.5)
     ptx_texts = ctx.world.pretraining_corpus()[:512] if ptx else None
     result = run_ppo(cfg, prompts=_prompt_messages(ctx), reward=reward or combined_reward(ctx), cost=cost, ptx_texts=ptx_texts)
@@ -483,7 +488,7 @@ def _critic_free(ctx: Context, name: str, advantage: str) -> None:
 
     s = ctx.scale
     cfg = GRPOConfig(**_online_common(ctx, name),
-                     optim=OptimConfig(lr=3e-4, batch_size=16, schedule="constant", warmup_ratio=0.0),
+                     optim=OptimConfig(lr=RL_LR, batch_size=16, schedule="constant", warmup_ratio=0.0),
                      rollout=RolloutConfig(prompts_per_rollout=16, samples_per_prompt=4, num_rollouts=s.rl_rollouts, ppo_epochs=1),
                      advantage=advantage)
     result = run_grpo(cfg, prompts=_prompt_messages(ctx), reward=combined_reward(ctx))
