@@ -42,6 +42,12 @@ def _pad(
     }
 
 
+def pad_sequences(sequences: Sequence[list[int]], prompt_lengths: Sequence[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``prompt + response`` token lists into ``input_ids``/``attention_mask``/``labels``
+    ``(B, T)``; labels keep the tokens after each prompt length (evaluation helpers use this)."""
+    return _pad(sequences, prompt_lengths, pad_token_id)
+
+
 def _check(items: Sequence[dict]) -> None:
     if not items:
         raise ValueError("cannot collate an empty batch")

@@ -15,10 +15,10 @@ from alignkit.models.heads import forward_logps
 
 
 def _response_batch(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int) -> dict:
-    from alignkit.data.collate import _pad
+    from alignkit.data.collate import pad_sequences
 
     seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
-    return _pad(seqs, [len(p) for p in prompt_ids], pad_id)
+    return pad_sequences(seqs, [len(p) for p in prompt_ids], pad_id)
 
 
 @torch.no_grad()
@@ -63,14 +63,14 @@ def win_rate(score: Callable[[object, str], float], prompts: Sequence, a: Sequen
 def lm_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> float:
     """Mean per-token NLL of ``texts`` (each followed by EOS): the pretraining loss used to measure
     the alignment tax."""
-    from alignkit.data.collate import _pad
+    from alignkit.data.collate import pad_sequences
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(texts), batch_size):
         seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
                 for t in texts[i : i + batch_size]]
-        batch = {k: v.to(device) for k, v in _pad(seqs, [0] * len(seqs), tokenizer.pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in pad_sequences(seqs, [0] * len(seqs), tokenizer.pad_token_id).items()}
         logps, mask = forward_logps(model, batch)
         total += float(-(logps * mask).sum())
         count += int(mask.sum())
