@@ -80,3 +80,12 @@ def test_field_docs_read_from_source():
     from alignkit.config import OptimConfig
 
     assert field_docs(OptimConfig)["grad_accum"].startswith("Micro-batches accumulated")
+
+
+def test_saved_config_loads_back(tmp_path):
+    from alignkit.config import save_config
+
+    cfg = build_config(SFTConfig, overrides=["optim.lr=0.002", "data.margin_labels={better: 2.5}", "run.seed=7"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = build_config(SFTConfig, tmp_path / "c.yaml")
+    assert again == cfg

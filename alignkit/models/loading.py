@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -191,6 +191,3 @@ def save_model(model, tokenizer, out_dir: str | Path, extra_config: dict | None 
         tokenizer.save_pretrained(out)
     return out
 
-
-def no_grad_if(flag: bool):
-    return torch.no_grad() if flag else nullcontext()

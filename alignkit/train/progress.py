@@ -48,10 +48,16 @@ class MetricsWriter:
         self.main = accelerator.is_main_process
         self.jsonl = None
         names = [n.strip() for n in run.report_to.split(",")]
-        if self.main and "jsonl" in names:
+        if self.main:
             out = Path(run.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+            if config is not None:
+                # The run's full configuration beside its outputs, to repeat or audit it.
+                from alignkit.config import save_config
+
+                save_config(config, out / "alignkit_config.yaml")
+            if "jsonl" in names:
+                self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
         self.trackers = bool(accelerator.log_with)
         if self.trackers:
             flat = _flatten(_plain(config)) if config is not None else {}
