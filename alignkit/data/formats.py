@@ -13,6 +13,10 @@ ranked     ``prompt``, ``responses`` (k strings) and       k(k-1)/2 :class:`Pref
 unpaired   ``prompt``, ``completion``, ``label``            one :class:`UnpairedExample`
 ratings    ``prompt``, ``response``, ``score``              one :class:`RatedExample`
 sft        ``prompt``, ``completion``; or ``messages``      one :class:`SFTExample`
+critique_  ``prompt``, ``response_a``, ``response_b``,      one :class:`CritiquePair`
+pair       ``critique``, ``verdict`` (``"A"``/``"B"``)
+critique_  ``prompt``, ``response``, ``critique``,          one :class:`CritiquePoint`
+point      ``score`` (an integer)
 =========  ==============================================  ===================================
 
 Conventions shared by all formats:
@@ -43,6 +47,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from alignkit.data.records import (
+    CritiquePair,
+    CritiquePoint,
     Messages,
     PreferencePair,
     RatedExample,
@@ -453,6 +459,40 @@ def _sft(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
     return [SFTExample(prompt, completion, source=loc)]
 
 
+def _critique_pair(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    fmt = "critique_pair"
+    prompt = _prompt(_get(row, "prompt", _PROMPT, loc, fmt), loc)
+    a = _reply_to(prompt, _get(row, "response_a", _RESPONSE, loc, fmt), "response_a", loc)
+    b = _reply_to(prompt, _get(row, "response_b", _RESPONSE, loc, fmt), "response_b", loc)
+    critique = _critique_text(row, loc, fmt)
+    verdict = _get(row, "verdict", '"A" or "B"', loc, fmt)
+    if not isinstance(verdict, str) or verdict.strip().upper() not in ("A", "B"):
+        raise _wrong_type(loc, "verdict", '"A" or "B" (the better response)', verdict)
+    _nonempty(a, b, critique)
+    if a == b:
+        raise _Skip(IDENTICAL)
+    return [CritiquePair(prompt, a, b, critique, verdict.strip().upper(), source=loc)]
+
+
+def _critique_point(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    fmt = "critique_point"
+    prompt = _prompt(_get(row, "prompt", _PROMPT, loc, fmt), loc)
+    response = _reply_to(prompt, _get(row, "response", _RESPONSE, loc, fmt), "response", loc)
+    critique = _critique_text(row, loc, fmt)
+    score = _number(_get(row, "score", "an integer score", loc, fmt), "score", loc)
+    if not score.is_integer():
+        raise _wrong_type(loc, "score", "an integer (a grade on the critic's scale)", row["score"])
+    _nonempty(response, critique)
+    return [CritiquePoint(prompt, response, critique, int(score), source=loc)]
+
+
+def _critique_text(row: dict, loc: str, fmt: str) -> str:
+    critique = _get(row, "critique", "a string", loc, fmt)
+    if not isinstance(critique, str):
+        raise _wrong_type(loc, "critique", "a string", critique)
+    return critique.strip()
+
+
 @dataclass(frozen=True)
 class Format:
     """One input format: its fields (shown in error messages) and its normaliser."""
@@ -467,6 +507,8 @@ FORMATS: dict[str, Format] = {
     "pairwise": Format("prompt, chosen, rejected [, margin]", _pairwise),
     "hh": Format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh),
     "unpaired": Format("prompt, completion, label", _unpaired),
+    "critique_pair": Format("prompt, response_a, response_b, critique, verdict", _critique_pair),
+    "critique_point": Format("prompt, response, critique, score", _critique_point),
     "ratings": Format("prompt, response, score", _ratings),
     "sft": Format("prompt, completion | messages", _sft),
 }
@@ -488,6 +530,10 @@ def detect_format(row: dict, loc: str = "the first row") -> str:
             return "hh"
     if has("completion", "label"):
         return "unpaired"
+    if has("response_a", "response_b"):
+        return "critique_pair"
+    if has("response", "critique"):
+        return "critique_point"
     if has("response", "score"):
         return "ratings"
     if has("messages") or has("prompt", "completion"):

@@ -59,4 +59,32 @@ class SFTExample:
     source: str = ""
 
 
-Record = PreferencePair | UnpairedExample | RatedExample | SFTExample
+@dataclass
+class CritiquePair:
+    """One written comparison: a critique of two responses to ``prompt`` ending in a verdict,
+    the training data of a pairwise critique (generative) reward model."""
+
+    prompt: Messages
+    response_a: str
+    response_b: str
+    critique: str
+    """Free text that evaluates both responses (the verdict itself is kept in ``verdict``)."""
+    verdict: str
+    """``"A"`` or ``"B"``: the better response."""
+    source: str = ""
+
+
+@dataclass
+class CritiquePoint:
+    """One written evaluation of a single response, ending in an integer score (pointwise critic)."""
+
+    prompt: Messages
+    response: str
+    critique: str
+    """Free text that evaluates the response (the score itself is kept in ``score``)."""
+    score: int
+    """The grade, an integer on the critic's scale (1..max_score, see ``alignkit critic``)."""
+    source: str = ""
+
+
+Record = PreferencePair | UnpairedExample | RatedExample | SFTExample | CritiquePair | CritiquePoint

@@ -30,6 +30,13 @@ Variants (``variant``), after Schulman's account of why RLHF can teach hallucina
 
 Margin labels come from the perceived gap ``|Δ|`` (the gold gap at temperature 0), see
 :data:`MARGIN_THRESHOLDS`. Records are plain dicts in alignkit's data formats.
+
+Critiques (the data of a critique / generative reward model): the labeler writes the gold judge's
+short critique of each response (the words a careful annotator would use: "The response states a
+capital for a country that does not exist (hallucination).") and gives its own verdict, the noisy
+choice of :meth:`Labeler.compare`; so a verdict can disagree with the critique at the labeler's
+noise rate. Pointwise critiques carry a score: the noisy utility mapped onto the integers
+1..max_score (see :meth:`Labeler.critique_score`).
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import math
 import random
 from collections.abc import Iterable
 
-from .judge import CATEGORIES, GoldJudge, Judgement
+from .judge import CATEGORIES, REWARD_RANGE, GoldJudge, Judgement
 from .prompts import Prompt
 
 #: (lower bound of the perceived gap |Δ|, margin label), largest first.
@@ -53,6 +60,12 @@ KINDS = ("helpfulness", "safety", "overall")
 VARIANTS = ("honest", "confident")
 #: Weight of helpfulness in the safety labeler's utility.
 SAFETY_HELPFULNESS_WEIGHT = 0.25
+#: Range of each kind's noise-free utility; pointwise critique scores map it onto 1..max_score.
+UTILITY_RANGE = {
+    "helpfulness": (-1.0, 1.0),
+    "safety": (-1.0 - SAFETY_HELPFULNESS_WEIGHT, 1.0 + SAFETY_HELPFULNESS_WEIGHT),
+    "overall": REWARD_RANGE,
+}
 
 
 def margin_label(gap: float) -> str:
@@ -223,3 +236,61 @@ class Labeler:
     def label_ratings(self, items: Iterable[tuple]) -> list[dict]:
         """``rate`` over ``(prompt, response)`` pairs."""
         return [self.rate(p, r) for p, r in items]
+
+    # ---------------------------------------------------------------- critiques
+
+    def critique(self, prompt, a: str, b: str) -> dict | None:
+        """A written comparison in the ``critique_pair`` format: ``{"prompt", "response_a",
+        "response_b", "critique", "verdict", "margin"}``, or None when ``a == b``.
+
+        The critique is the gold judge's critique of each response ("Response A: ... Response B:
+        ..."); the verdict (``"A"``/``"B"``) and margin label are this labeler's noisy choice
+        (:meth:`compare`). Which response is shown as A is a coin fixed by the seed and the two
+        texts, so verdicts are balanced and do not depend on the argument order."""
+        rec = self.compare(prompt, a, b)
+        if rec is None:
+            return None
+        p = self.judge.resolve(prompt)
+        lo, hi = sorted((a, b))
+        first, second = (lo, hi) if self._coin("order", p.text, lo, hi) else (hi, lo)
+        text = (f"Response A: {self.judge.critique(p, first)} "
+                f"Response B: {self.judge.critique(p, second)}")
+        return {"prompt": p.text, "response_a": first, "response_b": second, "critique": text,
+                "verdict": "A" if rec["chosen"] == first else "B", "margin": rec["margin"]}
+
+    def critique_records(self, pairs: Iterable[tuple], skip_ties: bool = True) -> tuple[list[dict], dict]:
+        """:meth:`critique` over ``(prompt, a, b)`` triples. With ``skip_ties`` a pair whose two
+        responses have the same noise-free utility is left out (its verdict would be a coin).
+        Counts: ``pairs``, ``labelled``, ``skipped_identical``, ``skipped_ties``."""
+        records, counts = [], {"pairs": 0, "labelled": 0, "skipped_identical": 0, "skipped_ties": 0}
+        for prompt, a, b in pairs:
+            counts["pairs"] += 1
+            if a == b:
+                counts["skipped_identical"] += 1
+                continue
+            if skip_ties and self.utility(prompt, a) == self.utility(prompt, b):
+                counts["skipped_ties"] += 1
+                continue
+            records.append(self.critique(prompt, a, b))
+        counts["labelled"] = len(records)
+        return records, counts
+
+    def critique_score(self, prompt, response: str, max_score: int = 5) -> dict:
+        """A written evaluation in the ``critique_point`` format: ``{"prompt", "response",
+        "critique", "score"}``: the gold judge's critique, and the noisy utility ``g + T·L`` mapped
+        linearly from :data:`UTILITY_RANGE` onto the integers 1..``max_score`` (rounded,
+        clamped)."""
+        if max_score < 2:
+            raise ValueError("max_score must be at least 2")
+        p = self.judge.resolve(prompt)
+        g = self.utility(p, response)
+        if self.temperature > 0:
+            g += self.temperature * self._logistic()
+        lo, hi = UTILITY_RANGE[self.kind]
+        frac = min(1.0, max(0.0, (g - lo) / (hi - lo)))
+        return {"prompt": p.text, "response": response, "critique": self.judge.critique(p, response),
+                "score": 1 + round(frac * (max_score - 1))}
+
+    def critique_score_records(self, items: Iterable[tuple], max_score: int = 5) -> list[dict]:
+        """:meth:`critique_score` over ``(prompt, response)`` pairs."""
+        return [self.critique_score(p, r, max_score) for p, r in items]
