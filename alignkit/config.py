@@ -65,7 +65,7 @@ class DataConfig:
     path: str = ""
     """Training data: a .jsonl/.json/.parquet/.csv file, a saved `datasets` directory, or a hub name when online."""
     format: str = "auto"
-    """Record format: auto, pairwise, hh, ranked, unpaired, ratings or sft ('auto' detects it from the fields)."""
+    """Record format: auto, pairwise, hh, ranked, unpaired, ratings, sft, critique_pair or critique_point ('auto' detects it from the fields)."""
     split: str = "train"
     """Split to read from a `datasets` dataset."""
     limit: int = 0
