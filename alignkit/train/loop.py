@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from alignkit.config import OptimConfig, RunConfig, config_to_dict
+from alignkit.train.flops import FlopCounter, known_peak
 from alignkit.train.sampler import epoch_batches, make_units, split_batch
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,10 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     wall_s: float = 0.0
+    flops_per_s: float = 0.0
+    """Model training FLOP/s (6·N·tokens + attention, alignkit/train/flops.py), all processes."""
+    mfu: float | None = None
+    """flops_per_s over the peak matmul FLOP/s of all processes, when a peak is known."""
 
 
 def choose_mixed_precision(requested: str) -> tuple[str, str]:
@@ -75,6 +80,18 @@ def choose_mixed_precision(requested: str) -> tuple[str, str]:
             return "bf16", "CUDA device with native bf16"
         return "no", "CUDA device without bf16: fp32 (fp16 needs loss scaling; opt in with mixed_precision=fp16)"
     return "no", "CPU: fp32 (bf16 autocast on CPU is slower than fp32 for small models; opt in with mixed_precision=bf16)"
+
+
+def launched_on_cpu_only() -> bool:
+    """True when this process belongs to a multi-process launch (torchrun / ``accelerate launch``)
+    on a machine with no accelerator. accelerate then needs ``cpu=True`` to join the processes in
+    one gloo group; without it each process would silently train alone on the whole data."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.cuda.is_available():
+        return False
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return not (is_xpu_available() or is_npu_available())
 
 
 def make_accelerator(run: RunConfig, grad_accum: int = 1):
@@ -98,6 +115,7 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1):
         else:
             raise ValueError(f"run.report_to: unknown logger {name!r}; use jsonl, tensorboard, wandb or mlflow")
     acc = Accelerator(
+        cpu=launched_on_cpu_only(),
         mixed_precision=mp,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "tb")),
@@ -182,11 +200,19 @@ class Trainer:
 
     # ---- data order ----------------------------------------------------------------------
     def _micro_batches(self, step: int) -> list[list[int]]:
-        """This process's micro-batches (item indices) for optimizer step ``step`` of the run."""
+        """This process's micro-batches (item indices) for optimizer step ``step`` of the run.
+
+        Every process returns the same number of micro-batches (the most any process has this
+        step), so the collectives of a forward pass (DDP's buffer broadcast, KTO's z₀) pair up;
+        an empty list is a slot this process fills with a zero-weighted batch.
+        """
         epoch, k = divmod(step, self.steps_per_epoch)
         if epoch not in self._epoch_cache:
             self._epoch_cache = {epoch: epoch_batches(self.units, self.lengths, self.global_batch, self.run.seed, epoch)}
-        return split_batch(self._epoch_cache[epoch][k], self.optim.grad_accum, self.acc.process_index, self.acc.num_processes)
+        batch, world = self._epoch_cache[epoch][k], self.acc.num_processes
+        shares = [[m for m in split_batch(batch, self.optim.grad_accum, r, world) if m] for r in range(world)]
+        mine = shares[self.acc.process_index]
+        return mine + [[] for _ in range(max(map(len, shares)) - len(mine))]
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _save_checkpoint(self, step: int) -> None:
@@ -235,37 +261,34 @@ class Trainer:
         writer = MetricsWriter(self.run, acc, self.config)
         result = TrainResult(steps=start)
         progress = Progress(task.name, self.total_steps, start, enabled=self.run.progress and acc.is_main_process)
-        t0, tokens = time.perf_counter(), 0
+        flops, peak = FlopCounter(self.unwrapped()), known_peak()
+        t0, tokens, step_flops = time.perf_counter(), 0.0, 0.0
+        keys: list[str] | None = None  # metric names, the same on every process
         self.model.train()
         for step in range(start, self.total_steps):
-            batches = [
-                _to_device(task.collate([task.items[i] for i in idx]), acc.device)
-                for idx in self._micro_batches(step)
-                if idx
-            ]
-            local_units = torch.tensor(sum(float(task.units(b)) for b in batches), device=acc.device)
-            # A short last batch can leave this process nothing; it still runs one forward/backward
-            # with zero weight so every process takes part in the gradient all-reduce.
-            idle = not batches
-            if idle:
-                batches = [_to_device(task.collate([task.items[0]]), acc.device)]
-            total_units = acc.reduce(local_units, reduction="sum").clamp_min(1e-8)
-            loss_total, metric_sums = torch.zeros((), device=acc.device), {}
-            for j, batch in enumerate(batches):
+            # Empty slots (a short last batch leaves a process less) run one item with zero weight,
+            # so every process makes the same forward/backward calls and collectives.
+            slots = self._micro_batches(step)
+            batches = [_to_device(task.collate([task.items[i] for i in idx or [0]]), acc.device) for idx in slots]
+            weights = [1.0 if idx else 0.0 for idx in slots]
+            local_units = sum(float(task.units(b)) * w for b, w in zip(batches, weights))
+            total_units = acc.reduce(torch.tensor(local_units, device=acc.device), reduction="sum").clamp_min(1e-8)
+            loss_total, metric_sums = 0.0, {}
+            local_tokens = local_flops = 0.0
+            for j, (batch, w) in enumerate(zip(batches, weights)):
                 sync = acc.no_sync(self.model) if j < len(batches) - 1 else _null()
                 with sync, acc.autocast():
                     loss_sum, metrics = task.loss(self.model, batch)
                     # DDP averages gradients over processes, hence × num_processes: the result is
                     # Σ(all units' losses) / (all units), the single-big-batch gradient.
-                    loss = loss_sum / total_units * acc.num_processes * (0.0 if idle else 1.0)
+                    loss = loss_sum * (w * acc.num_processes) / total_units
                 acc.backward(loss)
-                if idle:
-                    continue
-                loss_total += loss_sum.detach()
-                w = float(task.units(batch))
+                units = float(task.units(batch)) * w
+                loss_total += float(loss_sum.detach()) * w
                 for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * w
-                tokens += count_tokens(batch)
+                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * units
+                local_tokens += count_tokens(batch) * w
+                local_flops += flops(batch) * w
             grad_norm = None
             if self.optim.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm)
@@ -273,15 +296,30 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
+            # One all-reduce for the step's loss, metrics, tokens and FLOPs over all processes.
+            if keys is None:
+                keys = sorted(metric_sums)
+                if acc.num_processes > 1:
+                    from accelerate.utils import gather_object
+
+                    if any(sorted(other) != keys for other in gather_object([keys])):
+                        raise RuntimeError(f"{task.name}: processes log different metric names; a loss must "
+                                           "return the same metric keys for every batch")
+            sums = acc.reduce(torch.tensor([loss_total, local_tokens, local_flops, *(metric_sums[k] for k in keys)],
+                                           dtype=torch.float64, device=acc.device), reduction="sum").tolist()
+            tokens += sums[1]
+            step_flops += sums[2]
             done = step + 1
-            loss_value = float(acc.reduce(loss_total, reduction="sum") / total_units)
+            loss_value = sums[0] / float(total_units)
             row = {"step": done, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0]}
-            local_w = float(local_units) or 1.0
-            row.update({k: v / local_w for k, v in metric_sums.items()})
+            row.update({k: v / float(total_units) for k, v in zip(keys, sums[3:])})
             if grad_norm is not None:
                 row["grad_norm"] = float(grad_norm)
-            elapsed = time.perf_counter() - t0
-            row["tokens_per_s"] = tokens * acc.num_processes / max(elapsed, 1e-9)
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            row["tokens_per_s"] = tokens / elapsed
+            if peak:  # model FLOP/s of all processes over the peak of all processes together
+                row["flops_per_s"] = step_flops / elapsed
+                row["mfu"] = row["flops_per_s"] / (peak * acc.num_processes)
             if task.evaluate and self.run.eval_every and done % self.run.eval_every == 0 and done < self.total_steps:
                 row.update({f"eval/{k}": v for k, v in self._evaluate().items()})
             if done % max(1, self.run.log_every) == 0 or done == self.total_steps:
@@ -299,7 +337,10 @@ class Trainer:
             writer.write({f"eval/{k}": v for k, v in result.final_eval.items()}, result.steps)
         writer.close()
         result.wall_s = time.perf_counter() - t0
-        result.tokens_per_s = tokens * acc.num_processes / max(result.wall_s, 1e-9)
+        result.tokens_per_s = tokens / max(result.wall_s, 1e-9)
+        result.flops_per_s = step_flops / max(result.wall_s, 1e-9)
+        if peak:
+            result.mfu = result.flops_per_s / (peak * acc.num_processes)
         return result
 
     def _evaluate(self) -> dict[str, float]:

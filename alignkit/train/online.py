@@ -189,10 +189,24 @@ class _WhitenOnFirstCall(Whitened):
     def __call__(self, prompts, responses):
         raw = self.source(prompts, responses)
         if not self.fitted:
-            self.mean = float(raw.mean())
-            self.std = float(raw.std().clamp_min(1e-6)) if len(raw) > 1 else 1.0
+            # Over every process's scores (each scores only its share of the rollout).
+            n, total, squares = all_reduce_sum([float(len(raw)), float(raw.sum()), float((raw.double() ** 2).sum())])
+            self.mean = total / n
+            var = (squares - n * self.mean**2) / max(n - 1.0, 1.0)  # unbiased, as torch.std
+            self.std = max(math.sqrt(max(var, 0.0)), 1e-6) if n > 1 else 1.0
             self.fitted = True
         return (raw - self.mean) / self.std
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums of ``values`` over all processes (the values themselves in a single process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def build_reward(cfg: RewardConfig, reward: RewardSource | None = None, device="cpu") -> RewardSource:
@@ -313,10 +327,11 @@ class OnlineLoop:
         self.optim, self.run, self.rollout, self.name, self.n_prompts = optim, run, rollout, name, n_prompts
         self.acc = make_accelerator(run)
         self.num_rollouts = rollout.num_rollouts or max(1, math.ceil(optim.epochs * n_prompts / rollout.prompts_per_rollout))
-        episodes = rollout.prompts_per_rollout * rollout.samples_per_prompt
         self.minibatch = optim.batch_size * optim.grad_accum  # episodes per optimizer step, per process
-        local = math.ceil(episodes / self.acc.num_processes)
-        self.steps_per_rollout = rollout.ppo_epochs * math.ceil(local / self.minibatch)
+        # Episodes of the largest share (prompts_for deals prompts out in turn, with all their
+        # samples); every process runs the steps and micro-batches this share needs.
+        self.max_local = math.ceil(rollout.prompts_per_rollout / self.acc.num_processes) * rollout.samples_per_prompt
+        self.steps_per_rollout = rollout.ppo_epochs * math.ceil(self.max_local / self.minibatch)
         optimizer = build_optimizer(model, optim)
         self.scheduler = build_scheduler(optimizer, optim, self.num_rollouts * self.steps_per_rollout)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
@@ -326,6 +341,7 @@ class OnlineLoop:
         self.times: dict[str, float] = defaultdict(float)
         self.history: list[dict] = []
         self._state: dict = {}
+        self._episodes = 1
 
     @property
     def device(self):
@@ -362,28 +378,36 @@ class OnlineLoop:
         gen = torch.Generator().manual_seed(self.run.seed * 7919 + k)  # minibatch order: reproducible on resume
         sums: dict[str, float] = defaultdict(float)
         weight = 0.0
+        bs = self.optim.batch_size
+        largest = self._largest_share(len(batch))
+        self._episodes = len(batch)  # this process's share, the weight of its figures in log()
         self.model.train()
         for _ in range(self.rollout.ppo_epochs):
             perm = torch.randperm(len(batch), generator=gen)
-            for start in range(0, len(batch), self.minibatch):
+            for start in range(0, largest, self.minibatch):
                 idx = perm[start : start + self.minibatch]
-                micro = [batch.select(idx[j : j + self.optim.batch_size]) for j in range(0, len(idx), self.optim.batch_size)]
-                local_units = sum(float(reduce(m.response_mask)[1]) for m in micro)
+                # Micro-batches of the largest share at this position: a process with fewer
+                # episodes fills its missing slots with a zero-weighted row, so every process
+                # makes the same forward/backward calls (DDP pairs them up) and optimizer steps.
+                slots = math.ceil(min(self.minibatch, largest - start) / bs)
+                micro = [(batch.select(idx[j : j + bs]), 1.0) if j < len(idx) else (batch.select([0]), 0.0)
+                         for j in range(0, slots * bs, bs)]
+                local_units = sum(float(reduce(m.response_mask)[1]) * w for m, w in micro)
                 total_units = acc.reduce(torch.tensor(local_units, device=self.device), reduction="sum").clamp_min(1e-8)
-                for j, mb in enumerate(micro):
+                for j, (mb, w) in enumerate(micro):
                     sync = acc.no_sync(self.model) if j < len(micro) - 1 else nullcontext()
                     with sync, acc.autocast():
                         losses, metrics = loss_fn(self.model, mb)  # (b, T) per token
                         weights, units = reduce(mb.response_mask)
                         loss_sum = masked_sum(losses * weights, mb.response_mask)
                         # × processes: DDP averages gradients; the result is Σ(unit losses)/(all units)
-                        loss = loss_sum / total_units * acc.num_processes
+                        loss = loss_sum * (w * acc.num_processes) / total_units
                     acc.backward(loss)
-                    w = float(units)
+                    u = float(units) * w
                     for name, v in metrics.items():
-                        sums[name] += float(v) * w
-                    sums["loss"] += float(loss_sum.detach())
-                    weight += w
+                        sums[name] += float(v) * u
+                    sums["loss"] += float(loss_sum.detach()) * w
+                    weight += u
                 if extra_loss is not None:
                     with acc.autocast():
                         loss, metrics = extra_loss(self.model)
@@ -396,7 +420,30 @@ class OnlineLoop:
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-        return {name: v / max(weight, 1e-8) for name, v in sums.items()}
+        names = sorted(sums)  # the same names on every process: the same loss and options
+        *totals, weight = all_reduce_sum([sums[n] for n in names] + [weight])
+        return {name: v / max(weight, 1e-8) for name, v in zip(names, totals)}
+
+    def whiten(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+        """:func:`~alignkit.ops.masked_whiten` with μ and σ² (unbiased) over the masked elements of
+        *every* process's share of the rollout: the whole-batch statistic, whatever the split."""
+        x64, m64 = x.double(), mask.double()
+        n, total, squares = all_reduce_sum([float(m64.sum()), float((x64 * m64).sum()), float((x64**2 * m64).sum())])
+        if n <= 1:
+            raise ValueError(f"whitening needs at least 2 masked elements over all processes, got {n:g}")
+        mean = total / n
+        var = (squares - n * mean**2) / (n - 1)
+        return (x - mean) * (1.0 / math.sqrt(max(var, 0.0) + eps)) * mask
+
+    def _largest_share(self, n: int) -> int:
+        """The most episodes any process holds this rollout (``n`` in a single process)."""
+        if self.acc.num_processes == 1:
+            return n
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
 
     # ---- logging and checkpoints ---------------------------------------------------------------
     def start(self) -> int:
@@ -409,6 +456,18 @@ class OnlineLoop:
     def log(self, k: int, row: dict, tokens: int) -> dict:
         """Write the metrics row of rollout ``k`` (plus timings, lr, tokens/s) and reset the timers."""
         total = sum(self.times.values())
+        if self.acc.num_processes > 1:
+            # Each process measured its share of the rollout: per-episode means over all processes
+            # (weighted by each one's episodes), tokens summed; time is the slowest process's.
+            names = sorted(key for key, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            w = float(self._episodes)
+            *sums, episodes, tokens = all_reduce_sum([float(row[key]) * w for key in names] + [w, float(tokens)])
+            row = {**row, **{key: v / max(episodes, 1e-9) for key, v in zip(names, sums)}}
+            import torch.distributed as dist
+
+            slowest = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            total = float(slowest)
         row = {"rollout": k + 1, "optimizer_steps": (k + 1) * self.steps_per_rollout, **row,
                "lr": self.scheduler.get_last_lr()[0],
                **{f"time/{p}": t for p, t in self.times.items()},
