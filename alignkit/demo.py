@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.demo_critic import critic_stage
 
 
 @dataclass
@@ -575,6 +576,8 @@ METHODS: dict[str, Callable[[Context], None]] = {
     "ppo_safety_constrained": ppo_safety_constrained,
     "grpo": grpo,
     "rloo": rloo,
+    # Last, so that its training does not shift the random streams of the stages above.
+    "critic": critic_stage,
 }
 
 
@@ -713,6 +716,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "world": ctx.world.summary(),
         "labels": ctx.extra.get("labels", {}),
         "model_parameters": ctx.extra.get("model_parameters"),
+        "critic": ctx.extra.get("critic"),
     }
     write_report(report, out, ctx.curves)
     print(f"\n[demo] done in {report['timings_s']['total']:.0f}s: {out / 'report.md'}")

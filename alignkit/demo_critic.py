@@ -14,7 +14,9 @@ comparison files the ``comparisons`` stage wrote.
   samples of a tiny model are mostly junk, so clean examples of every failure kind teach the
   critique's words). Pointwise critiques with a 1..5 score: :data:`MAX_TRAIN_POINTS` distinct
   SFT samples and :data:`CANDIDATE_POINTS` reference responses. Held out:
-  :data:`MAX_EVAL_PAIRS` pairs of SFT samples to held-out prompts.
+  :data:`MAX_EVAL_PAIRS` pairs of SFT samples to held-out prompts (reported beside the scalar reward
+  models, on the same kind of pairs) and :data:`CANDIDATE_EVAL_PAIRS` pairs of reference responses
+  to held-out prompts (reported as ``critic["clean"]``).
 - **Critic.** ``alignkit critic`` from the SFT policy, with :data:`EXTEND_VOCAB` whole-word
   tokens for the critique vocabulary (the demo's tokenizer, trained on the corpus alone, spells
   "response" in six pieces; without them the critic stays at chance) and the verdict token
@@ -52,6 +54,9 @@ MAX_TRAIN_POINTS = 200
 CANDIDATE_POINTS = 200
 #: Held-out pairs of SFT samples the critic is evaluated on (each judged in both orders).
 MAX_EVAL_PAIRS = 120
+#: Held-out pairs of the world's reference responses (two quality classes, held-out prompts): the
+#: failures are clean there, so this measures what the critic learnt apart from the SFT samples' noise.
+CANDIDATE_EVAL_PAIRS = 120
 #: Critic training: peak learning rate, passes over the critiques, verdict loss weight.
 CRITIC_LR = 1e-2
 CRITIC_EPOCHS = 3.0
@@ -186,11 +191,12 @@ def critique_data(pairs_path: Path, labeler, max_pairs: int, max_points: int, se
     return pairs[:max_pairs], points, counts
 
 
-def candidate_critiques(world, labeler, n_pairs: int, n_points: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Critiques of the world's reference responses to train prompts: ``n_pairs`` pairs (two
+def candidate_critiques(world, labeler, n_pairs: int, n_points: int, seed: int,
+                        split: str = "train") -> tuple[list[dict], list[dict]]:
+    """Critiques of the world's reference responses to ``split`` prompts: ``n_pairs`` pairs (two
     quality classes of one prompt each) and ``n_points`` single responses."""
-    rng = random.Random(f"critic-candidates-{seed}")
-    prompts = world.prompts(split="train")
+    rng = random.Random(f"critic-candidates-{seed}" + ("" if split == "train" else f"-{split}"))
+    prompts = world.prompts(split=split)
     triples, items = [], []
     for p in prompts:
         cands = list(world.candidate_responses(p, rng).values())
@@ -219,9 +225,10 @@ def critic_stage(ctx) -> None:
     random.Random(seed).shuffle(train_pairs)
     random.Random(seed).shuffle(train_points)
     eval_pairs, _, eval_counts = critique_data(ctx.data[f"{source}/heldout"], labeler, MAX_EVAL_PAIRS, 0, seed)
+    clean_pairs, _ = candidate_critiques(w, labeler, CANDIDATE_EVAL_PAIRS, 0, seed, split="heldout")
     paths = {name: _write_jsonl(out / "data" / f"{name}.jsonl", rows) for name, rows in
              (("critique_pair-train", train_pairs), ("critique_point-train", train_points),
-              ("critique_pair-heldout", eval_pairs))}
+              ("critique_pair-heldout", eval_pairs), ("critique_pair-heldout-clean", clean_pairs))}
     ctx.data.update({f"critique/{k}": v for k, v in paths.items()})
     print(f"[demo] critiques: {len(train_pairs)} pairwise + {len(train_points)} pointwise train, "
           f"{len(eval_pairs)} held-out pairs (SFT-sample pairs: {json.dumps({'train': counts, 'heldout': eval_counts})})")
@@ -239,6 +246,8 @@ def critic_stage(ctx) -> None:
     pair_reward = CritiqueReward(cfg.run.output_dir, max_new_tokens=CRITIC_MAX_NEW_TOKENS, max_prompt_length=CRITIC_MAX_PROMPT,
                                  batch_size=CRITIC_BATCH)
     metrics = evaluate_pairs(pair_reward, w, eval_pairs)
+    clean = evaluate_pairs(pair_reward, w, clean_pairs)
+    metrics["clean"] = {k: v for k, v in clean.items() if k != "examples"}
     ctx.extra["critic"] = metrics
     # Beside the scalar reward models, in their shape (accuracy, by margin label, pairs), plus its own.
     ctx.rm_report["critic"] = {k: metrics[k] for k in (
@@ -246,7 +255,8 @@ def critic_stage(ctx) -> None:
         "position_bias", "order_consistency", "naming_rate")}
     print("[demo] critic held-out: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in (
         "accuracy", "accuracy_one_order", "accuracy_vs_gold", "position_bias", "order_consistency", "naming_rate")
-        if metrics[k] is not None))
+        if metrics[k] is not None) + "; on held-out reference-response pairs: " + ", ".join(
+        f"{k} {clean[k]:.3f}" for k in ("accuracy", "accuracy_vs_gold", "position_bias", "naming_rate") if clean[k] is not None))
     _best_of_n_critic(ctx, CritiqueReward(cfg.run.output_dir, max_new_tokens=POINT_MAX_NEW_TOKENS,
                                           max_prompt_length=CRITIC_MAX_PROMPT, batch_size=CRITIC_BATCH))
 

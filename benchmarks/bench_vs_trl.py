@@ -200,9 +200,8 @@ class Clock:
 def run_alignkit(method: str, model, train: list[dict], tokenizer, args) -> dict:
     """Train with alignkit; returns timings, the model FLOPs computed, the trained model and the losses."""
     from alignkit.config import OptimConfig, RunConfig
-    from alignkit.data import collate_pairs, pack_pairs
     from alignkit.train.loop import Task, Trainer
-    from alignkit.train.rm import pairwise_batch_loss
+    from alignkit.train.rm import PAIR_BATCHINGS, pairwise_batch_loss
     from alignkit.train.sft import build_sft_task
 
     pad = tokenizer.pad_token_id
@@ -218,7 +217,8 @@ def run_alignkit(method: str, model, train: list[dict], tokenizer, args) -> dict
         from alignkit.models.heads import ScalarHead
 
         model = ScalarHead(model)
-        task = Task(items=train, collate=pack_pairs if run.padding_free else (lambda b: collate_pairs(b, pad)),
+        collate = PAIR_BATCHINGS[batching]
+        task = Task(items=train, collate=lambda b: collate(b, pad),
                     loss=pairwise_batch_loss(True), units=lambda b: float(b["weight"].sum()), name="rm")
     else:
         from alignkit.train.dpo import DPOConfig, build_dpo_task
@@ -404,7 +404,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--sft-batching", default="padded", choices=["padded", "padding_free"], help="alignkit SFT batches")
-    p.add_argument("--rm-batching", default="padded", choices=["padded", "padding_free"], help="alignkit RM batches")
+    p.add_argument("--rm-batching", default="prefix_shared", choices=["padded", "padding_free", "prefix_shared"],
+                   help="alignkit RM batches")
     p.add_argument("--dpo-batching", default="prefix_shared", choices=["padded", "padding_free", "prefix_shared"],
                    help="alignkit DPO batches")
     p.add_argument("--repeats", type=int, default=2, help="runs per (framework, method); the fastest counts")

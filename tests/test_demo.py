@@ -103,3 +103,14 @@ def test_second_iterative_round_does_at_least_as_well(report):
     r1, r2 = pol["iterative/round1"], pol["iterative/round2"]
     assert r2["gold_reward"] >= r1["gold_reward"] - 0.02
     assert r1["gold_reward"] > pol["sft"]["gold_reward"]
+
+
+def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of_n(report):
+    critic = report["critic"]
+    assert report["reward_models"]["critic"]["n_pairs"] == critic["n_pairs"] > 50
+    # held-out pairs of the world's reference responses: well above chance, in both orders
+    assert critic["clean"]["accuracy"] >= 0.6, critic["clean"]
+    assert abs(critic["clean"]["position_bias"]) < 0.2
+    # as one more reward in best-of-N it picks better samples than the SFT policy's average
+    pol = report["policies"]
+    assert pol["best_of_n/critic"]["gold_reward"] > pol["sft"]["gold_reward"] + 0.03

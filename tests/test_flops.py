@@ -41,6 +41,24 @@ def test_six_n_tokens_is_what_a_training_step_multiplies(tiny_dir):
     assert c(batch) == 6 * N * B * T + 12 * c.layers * c.width * B * T * (T + 1) // 2
 
 
+def test_a_reward_read_counts_only_the_rows_its_last_mlp_computed(tiny_dir):
+    from alignkit.config import ModelConfig
+    from alignkit.models.heads import ScalarHead, sequence_rewards
+    from alignkit.models.loading import load_scalar_head_model
+
+    head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir))))
+    head.model.config._attn_implementation = "eager"
+    B, T = 2, 10
+    batch = {"input_ids": torch.randint(4, 100, (B, T)), "attention_mask": torch.ones(B, T, dtype=torch.long)}
+    with FlopCounterMode(display=False) as counter:
+        sequence_rewards(head, batch).sum().backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    matmuls = sum(n for op, n in by_op.items() if op.split(".")[-1] in ("mm", "addmm"))
+    c = FlopCounter(head)
+    assert head.last_mlp_rows == B and 0 < c.n_last_mlp < c.n
+    assert c(batch) - 12 * c.layers * c.width * attention_pairs(batch) == matmuls
+
+
 def test_padding_and_packed_rows_count_only_real_tokens_and_allowed_pairs():
     padded = {"input_ids": torch.zeros(2, 5, dtype=torch.long),
               "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}

@@ -165,19 +165,68 @@ def test_rm_rejects_sft_data_clearly(tiny_dir, tmp_path, capsys):
     assert "SFTExample" in capsys.readouterr().err
 
 
-def test_padding_free_reward_model_batch_equals_padded(tiny_dir, tiny_tokenizer):
-    """Packed pairs give the same rewards and loss as the padded batch (run.padding_free for rm)."""
+def test_reward_model_batchings_give_the_padded_rewards(tiny_dir, tiny_tokenizer):
+    """Packed pairs (run.padding_free) and prefix-shared pairs (batching=prefix_shared: the prompt
+    once, both responses after it) give the same rewards, loss and gradient as the padded batch."""
     from alignkit.config import ModelConfig
-    from alignkit.data import PreferencePair, collate_pairs, pack_pairs, tokenize_records
-    from alignkit.models.heads import ScalarHead
+    from alignkit.data import PreferencePair, tokenize_records
+    from alignkit.models.heads import ScalarHead, sequence_rewards
     from alignkit.models.loading import load_scalar_head_model
-    from alignkit.train.rm import pairwise_batch_loss
+    from alignkit.train.rm import PAIR_BATCHINGS, pairwise_batch_loss
 
-    head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir)))).eval()
+    head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir)))).double().eval()
     pairs = [PreferencePair(prompt=[{"role": "user", "content": "q" * (1 + 3 * i)}], chosen="yes " * (i + 1),
-                            rejected="no", margin=float(i)) for i in range(4)]
+                            rejected="no " * (3 - i) + "!", margin=float(i)) for i in range(4)]
     items, _ = tokenize_records(pairs, tiny_tokenizer)
-    with torch.no_grad():
-        padded, _ = pairwise_batch_loss(True)(head, collate_pairs(items, tiny_tokenizer.pad_token_id))
-        packed, _ = pairwise_batch_loss(True)(head, pack_pairs(items))
-    assert packed.item() == pytest.approx(padded.item(), abs=1e-5)
+    pad = tiny_tokenizer.pad_token_id
+    results = {}
+    for name, collate in PAIR_BATCHINGS.items():
+        for packed in ((False, True) if name == "prefix_shared" else (None,)):
+            batch = collate(items, pad) if packed is None else collate(items, pad, packed=packed)
+            head.zero_grad()
+            rewards = sequence_rewards(head, batch, ends=batch.get("last_index"))  # (2B,)
+            loss, _ = pairwise_batch_loss(True)(head, batch)
+            loss.backward()
+            grad = torch.cat([p.grad.flatten() for p in head.parameters() if p.grad is not None])
+            results[(name, packed)] = (rewards.detach(), loss.item(), grad)
+    ref_r, ref_loss, ref_g = results[("padded", None)]
+    assert ref_r[:4].ne(ref_r[4:]).all()  # the chosen and rejected rewards differ: the check can fail
+    for key, (r, loss, g) in results.items():
+        assert torch.allclose(r, ref_r, atol=1e-9), key
+        assert loss == pytest.approx(ref_loss, abs=1e-9), key
+        assert torch.allclose(g, ref_g, atol=1e-8), key
+
+
+def test_reward_read_at_positions_skips_the_last_mlp_elsewhere_and_changes_nothing(tiny_dir, tiny_tokenizer):
+    """ScalarHead(positions=...) runs the last layer's MLP on the read positions only; the rewards
+    and every gradient equal those of the full forward read at the same positions."""
+    from alignkit.config import ModelConfig
+    from alignkit.data import PreferencePair, collate_pairs, tokenize_records
+    from alignkit.models.heads import ScalarHead, last_token_index, sequence_rewards
+    from alignkit.models.loading import load_scalar_head_model
+
+    head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir)))).double()
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": "w" * (2 + 5 * i)}], chosen="a b " * (i + 1),
+                            rejected="c", margin=0.0) for i in range(3)]
+    items, _ = tokenize_records(pairs, tiny_tokenizer)
+    batch = collate_pairs(items, tiny_tokenizer.pad_token_id)
+    rows_seen = []
+    mlp = head.model.model.layers[-1].mlp
+    handle = mlp.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[:-1].numel()))
+
+    def rewards_and_grads(fast: bool):
+        head.zero_grad()
+        if fast:
+            r = sequence_rewards(head, batch)
+        else:
+            values = head(batch["input_ids"], batch["attention_mask"])  # (B, T): every position
+            r = values.gather(1, last_token_index(batch["attention_mask"])[:, None]).squeeze(1)
+        (r * torch.arange(1.0, 7.0, dtype=r.dtype)).sum().backward()
+        return r.detach(), [p.grad.clone() for p in head.parameters() if p.grad is not None]
+
+    full_r, full_g = rewards_and_grads(False)
+    fast_r, fast_g = rewards_and_grads(True)
+    handle.remove()
+    assert rows_seen == [batch["input_ids"].numel(), 6]  # full forward: B·T rows; positions: 2B
+    assert torch.allclose(fast_r, full_r, atol=1e-10)
+    assert len(fast_g) == len(full_g) and all(torch.allclose(a, b, atol=1e-10) for a, b in zip(fast_g, full_g))

@@ -1,4 +1,5 @@
-"""Prefix sharing: a pair's prompt is computed once and both responses are scored against it.
+"""Prefix sharing: a pair's prompt is computed once and both responses are scored against it
+(DPO-family log-probs, and reward models through ``last_index``).
 
 A pair becomes ONE sequence ``prompt ‖ chosen ‖ rejected`` instead of two sequences
 ``prompt ‖ chosen`` and ``prompt ‖ rejected``. On multi-turn data (HH-RLHF) the prompt is most of
@@ -92,6 +93,8 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
     * ``logit_index (M,)``: flat index into the ``(R·T)`` positions of the logits that predict
       each response token; ``target_ids (M,)`` those tokens; ``target_seq (M,)`` their sequence
       (``s < B``: chosen of pair s; ``s ≥ B``: rejected of pair s − B);
+    * ``last_index (2B,)``: flat index of each sequence's last token (where a reward model's
+      scalar head is read), chosen block then rejected block;
     * per pair ``(B,)``: ``prompt_lengths``, ``chosen_lengths``, ``rejected_lengths``,
       ``margin``, ``weight``, ``group``; ``num_tokens`` (scalar): real tokens in the batch.
     """
@@ -107,6 +110,7 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
     segment_id = torch.full((rows, T), PAD, dtype=torch.long)  # which pair a position holds
     branch = torch.full((rows, T), PAD, dtype=torch.long)
     logit_index: list[list[int]] = [[] for _ in range(2 * B)]  # per sequence s, flat indices
+    last_index = [0] * (2 * B)  # per sequence s, flat index of its last token (reward models read it)
     offset = 0
     for i, (it, (ids, pos, br)) in enumerate(zip(items, segments)):
         row, start = (0, offset) if packed else (i, 0)
@@ -118,6 +122,8 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
         chosen, rejected = _targets(len(it["prompt_ids"]), len(it["chosen_ids"]), len(it["rejected_ids"]), start)
         logit_index[i] = [row * T + j for j in chosen]
         logit_index[B + i] = [row * T + j for j in rejected]
+        P, C = len(it["prompt_ids"]), len(it["chosen_ids"])
+        last_index[i], last_index[B + i] = row * T + start + P + C - 1, row * T + start + n - 1
         offset += n
     targets = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]  # (2B,) lists
     mask = torch.stack([_mask(segment_id[r], branch[r]) for r in range(rows)])  # (R, T, T)
@@ -127,6 +133,7 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
         "attention_mask": mask[:, None],  # (R, 1, T, T) bool, True = may attend
         "logit_index": torch.tensor([j for idx in logit_index for j in idx], dtype=torch.long),  # (M,)
         "target_ids": torch.tensor([t for seq in targets for t in seq], dtype=torch.long),  # (M,)
+        "last_index": torch.tensor(last_index, dtype=torch.long),  # (2B,)
         "target_seq": torch.repeat_interleave(
             torch.arange(2 * B), torch.tensor([len(seq) for seq in targets])
         ),  # (M,)

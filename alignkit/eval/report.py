@@ -40,12 +40,33 @@ def markdown(report: dict) -> str:
     for name, r in report["reward_models"].items():
         by = ", ".join(f"{k}: {_fmt(v, True)} ({r['count_by_margin'].get(k, 0)})" for k, v in r["accuracy_by_margin"].items())
         lines.append(f"| {name} | {_fmt(r['accuracy'], True)} | {r['n_pairs']} | {by} |")
+    lines += _critic_section(report.get("critic"))
     lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in findings(report)]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
     lines += ["", "Plots: `frontier.png` (gold reward against KL to SFT), `training_curves.png`.", ""]
     return "\n".join(lines)
+
+
+def _critic_section(critic: dict | None) -> list[str]:
+    """The critique model: verdict accuracy on both held-out sets, position bias, failure naming and
+    three critiques to read."""
+    if not critic:
+        return []
+    clean = critic.get("clean", {})
+    lines = ["", "## Critique reward model (held-out pairs, each judged in both orders)", "",
+             "| pairs | accuracy (orders averaged) | one order | vs gold | position bias | order consistency | names the failure |",
+             "|---|---|---|---|---|---|---|"]
+    for label, m in (("SFT samples (as the reward models)", critic), ("reference responses", clean)):
+        if m:
+            lines.append(f"| {label} ({m['n_pairs']}) | {_fmt(m['accuracy'], True)} | {_fmt(m['accuracy_one_order'], True)} | "
+                         f"{_fmt(m['accuracy_vs_gold'], True)} | {_fmt(m['position_bias'])} | "
+                         f"{_fmt(m['order_consistency'], True)} | {_fmt(m['naming_rate'], True)} ({m['naming_n']}) |")
+    for ex in critic.get("examples", [])[:2]:
+        lines += ["", f"> **Prompt:** {ex['prompt']}  ", f"> **A:** {ex['response_a']}  ", f"> **B:** {ex['response_b']}  ",
+                  f"> **Critique:** {ex['critique']} (P(A) = {ex['p_a']}, label {ex['label']})"]
+    return lines
 
 
 def findings(report: dict) -> list[str]:

@@ -84,14 +84,31 @@ def real_tokens(batch: dict) -> int:
 
 
 class FlopCounter:
-    """Training FLOPs of batches for one model: ``counter(batch)`` -> 6·N·tokens + 12·L·d·pairs."""
+    """Training FLOPs of batches for one model: ``counter(batch)`` -> 6·N·tokens + 12·L·d·pairs,
+    called after the model's forward on ``batch``.
+
+    A reward model that read a few positions ran its last MLP and its head on those rows only
+    (:class:`alignkit.models.heads.ScalarHead` sets ``last_mlp_rows``): the
+    6·(N_mlp + d)·(tokens − rows) FLOPs it skipped are not counted.
+    """
 
     def __init__(self, model: torch.nn.Module):
+        self.model = model
         self.n = matmul_params(model)
         self.layers, self.width = attention_shape(model)
+        from alignkit.models.heads import ScalarHead, last_mlp, scalar_head_backbone
+
+        mlp = last_mlp(scalar_head_backbone(model)) if isinstance(model, ScalarHead) else None
+        # rows a reward read skips go through neither the last MLP nor the one-output head
+        self.n_last_mlp = matmul_params(mlp) + model.model.config.hidden_size if mlp is not None else 0
 
     def __call__(self, batch: dict) -> float:
-        return 6.0 * self.n * real_tokens(batch) + 12.0 * self.layers * self.width * attention_pairs(batch)
+        tokens = real_tokens(batch)
+        flops = 6.0 * self.n * tokens + 12.0 * self.layers * self.width * attention_pairs(batch)
+        rows = getattr(self.model, "last_mlp_rows", None)
+        if rows is not None:
+            flops -= 6.0 * self.n_last_mlp * max(tokens - rows, 0)
+        return flops
 
 
 def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

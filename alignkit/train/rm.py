@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.data import collate_pairs, collate_rated, pack_pairs
+from alignkit.data.prefix_sharing import collate_prefix_shared
 from alignkit.losses import pairwise_rm_loss, regression_rm_loss
 from alignkit.models.heads import ScalarHead, reward_calibration, sequence_rewards
 from alignkit.models.loading import load_scalar_head_model, load_tokenizer, save_model
@@ -46,10 +48,30 @@ class RMConfig:
     """After training, store the mean training reward as `reward_offset` so scores centre on 0."""
     reward_scale: float = 1.0
     """Multiplier applied to centred rewards when scoring (stored in config.json)."""
+    batching: str = "auto"
+    """Pairwise only: padded, padding_free (pairs packed in one row), prefix_shared (one row prompt ‖ chosen ‖ rejected per pair, the prompt computed once), auto (padding_free if run.padding_free else padded)."""
 
     def validate(self) -> None:
         if self.objective not in ("auto", "pairwise", "regression"):
             raise ValueError(f"objective must be auto, pairwise or regression; got {self.objective!r}")
+        if self.batching not in ("auto", *PAIR_BATCHINGS):
+            raise ValueError(f"batching must be auto, {', '.join(PAIR_BATCHINGS)}; got {self.batching!r}")
+
+    def batching_name(self) -> str:
+        """The pairwise batching actually used (from ``batching`` and ``run.padding_free``)."""
+        if self.batching == "auto":
+            return "padding_free" if self.run.padding_free else "padded"
+        return self.batching
+
+
+#: How the pairs of a micro-batch become one forward pass: (pair items, pad id) -> batch. All three
+#: give the same rewards up to float rounding; packed and prefix-shared batches carry
+#: ``last_index``, the flat index of each sequence's last token.
+PAIR_BATCHINGS = {
+    "padded": lambda items, pad_id: collate_pairs(items, pad_id),
+    "padding_free": lambda items, pad_id: pack_pairs(items),
+    "prefix_shared": collate_prefix_shared,
+}
 
 
 # ---- losses per batch ------------------------------------------------------------------------
@@ -145,8 +167,6 @@ def _evaluator(objective: str, items: list[dict], pad_id: int):
 
 def run_rm(cfg: RMConfig):
     """Train a reward model and save it (plain HF ``*ForSequenceClassification`` directory)."""
-    from alignkit.data import collate_pairs, collate_rated, pack_pairs
-
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("PreferencePair", "RatedExample"), name="rm")
@@ -160,16 +180,15 @@ def run_rm(cfg: RMConfig):
     pad = tokenizer.pad_token_id
     head = ScalarHead(load_scalar_head_model(cfg.model))
     if objective == "pairwise":
-        # run.padding_free: the pairs of a micro-batch become one packed row (block-diagonal attention).
-        collate = pack_pairs if cfg.run.padding_free else (lambda b: collate_pairs(b, pad))
+        batching = PAIR_BATCHINGS[cfg.batching_name()]
         task = Task(
-            items=data.train, collate=collate, loss=pairwise_batch_loss(cfg.use_margin),
+            items=data.train, collate=lambda b: batching(b, pad), loss=pairwise_batch_loss(cfg.use_margin),
             units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad),
             groups=[it.get("group", -1) for it in data.train] if cfg.data.group_rankings else None, name="rm",
         )
     else:
-        if cfg.run.padding_free:
-            print("[alignkit] rm: run.padding_free applies to pairwise reward models; ratings use padded batches")
+        if cfg.run.padding_free or cfg.batching not in ("auto", "padded"):
+            print("[alignkit] rm: run.padding_free and batching apply to pairwise reward models; ratings use padded batches")
         task = Task(
             items=data.train, collate=lambda b: collate_rated(b, pad), loss=regression_batch_loss,
             units=lambda b: float(b["score"].numel()), evaluate=_evaluator("regression", data.eval, pad), name="rm",
