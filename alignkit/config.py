@@ -141,7 +141,7 @@ class RunConfig:
     report_to: str = "jsonl,tensorboard"
     """Comma-separated loggers: jsonl, tensorboard, wandb, mlflow (the last two through accelerate, when installed)."""
     mixed_precision: str = "auto"
-    """'auto' (bf16 where the hardware runs it fast, else fp32), 'no', 'bf16' or 'fp16'."""
+    """'auto' (bf16 on a CUDA GPU with bf16, or on a CPU with native bf16 instructions for hidden size ≥ 256; else fp32), 'no', 'bf16' or 'fp16'."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (slower)."""
     progress: bool = True

@@ -132,7 +132,7 @@ def test_mismatched_pairs_and_no_gradient_through_z0(tiny_dir, tiny_tokenizer, i
     assert z0 > 0  # the check below is only meaningful when z₀ is not clamped
     policy.zero_grad()
     original = kto_module.kl_reference_point
-    kto_module.kl_reference_point = lambda a, b: torch.tensor(z0)  # a constant with the same value
+    kto_module.kl_reference_point = lambda a, b, **k: torch.tensor(z0)  # a constant with the same value
     try:
         loss2, _ = loss_fn(policy, batch)
         loss2.backward()

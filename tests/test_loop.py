@@ -119,3 +119,27 @@ def test_length_buckets_reduce_padding():
         return total
 
     assert padding(True) < 0.2 * padding(False)
+
+
+def test_mixed_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
+    from types import SimpleNamespace
+
+    from alignkit.train import loop
+
+    def model(hidden):
+        m = torch.nn.Linear(2, 2)
+        m.config = SimpleNamespace(hidden_size=hidden)
+        return m
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loop.choose_mixed_precision("no", model(4096)) == ("no", "as configured")
+    assert loop.choose_mixed_precision("bf16", model(8)) == ("bf16", "as configured")
+    monkeypatch.setattr(loop, "cpu_bf16_instructions", lambda: None)
+    mp, why = loop.choose_mixed_precision("auto", model(4096))
+    assert mp == "no" and "without native bf16" in why
+    monkeypatch.setattr(loop, "cpu_bf16_instructions", lambda: "avx512_bf16")
+    mp, why = loop.choose_mixed_precision("auto", model(64))
+    assert mp == "no" and "hidden size 64" in why
+    mp, why = loop.choose_mixed_precision("auto", model(loop.CPU_BF16_MIN_HIDDEN))
+    assert mp == "bf16" and "avx512_bf16" in why
+    assert loop.choose_mixed_precision("auto", None)[0] == "no"  # size unknown: the safe choice

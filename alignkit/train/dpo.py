@@ -324,8 +324,9 @@ def run_dpo(cfg: DPOConfig):
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("PreferencePair",), name="dpo")
-    accelerator = make_accelerator(cfg.run)
-    policy = load_causal_lm(cfg.model).to(accelerator.device)
+    policy = load_causal_lm(cfg.model)
+    accelerator = make_accelerator(cfg.run, model=policy)
+    policy = policy.to(accelerator.device)
     task, reference = build_dpo_task(cfg, policy, data.train, data.eval, tokenizer.pad_token_id, accelerator)
     if reference is not None:
         reference.to(accelerator.device)

@@ -148,7 +148,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     for k in range(loop.start(), loop.num_rollouts):
         with loop.timed("generation"):
             rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
-            gens = generator.generate(rollout_prompts, n=G, seed=cfg.run.seed * 1_000_003 + k)  # groups are consecutive rows
+            gens = generator.generate(rollout_prompts, n=G, seed=loop.sampling_seed(k))  # groups are consecutive rows
             batch = build_rollout_batch(gens, tokenizer.pad_token_id, tokenizer.eos_token_id).to(loop.device)
         with loop.timed("scoring"):
             sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]

@@ -163,14 +163,17 @@ def precompute_reference_logps(model, items: list[dict], pad_id: int, batch_size
     return out
 
 
-def kl_reference_point(kl_logps: Tensor, kl_ref_logps: Tensor) -> Tensor:
-    """z₀ of this step: over the micro-batch, or over all processes' micro-batches when distributed."""
+def kl_reference_point(kl_logps: Tensor, kl_ref_logps: Tensor, filler: bool = False) -> Tensor:
+    """z₀ of this step: over the micro-batch, or over all processes' micro-batches when distributed.
+    A ``filler`` micro-batch (the loop's zero-weight stand-in on a process with fewer items)
+    joins the all-reduce with nothing in it."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return kto_kl_reference_point(kl_logps, kl_ref_logps)
-    diff = (kl_logps - kl_ref_logps).detach().float()
-    stats = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), device=diff.device)])
+    diff = (kl_logps - kl_ref_logps).detach().float() * (0.0 if filler else 1.0)
+    count = 0.0 if filler else float(diff.numel())
+    stats = torch.stack([diff.sum(), torch.tensor(count, device=diff.device)])
     dist.all_reduce(stats)  # every process runs the same number of micro-batches, so this pairs up
-    return kto_kl_reference_point(stats[:1] / stats[1], torch.zeros(1, device=diff.device))
+    return kto_kl_reference_point(stats[:1] / stats[1].clamp_min(1.0), torch.zeros(1, device=diff.device))
 
 
 # ---- loss and evaluation ----------------------------------------------------------------------------
@@ -181,7 +184,7 @@ def kto_batch_loss(cfg: KTOConfig, reference: Reference | None):
         B = batch["label"].shape[0]
         ref = reference_logps(reference, batch)  # (2B,)
         logps, kl_logps = kto_logps(model, batch)  # (B,), (B,)
-        z0 = kl_reference_point(kl_logps, ref[B:])
+        z0 = kl_reference_point(kl_logps, ref[B:], filler=bool(batch.get("filler", False)))
         losses, metrics = kto_loss(logps, ref[:B], batch["label"], z0, beta=cfg.beta,
                                    lambda_d=cfg.desirable_weight, lambda_u=cfg.undesirable_weight)
         metrics["kl"] = (logps - ref[:B]).detach().float().mean()  # k1 on the data's completions
@@ -258,8 +261,9 @@ def run_kto(cfg: KTOConfig):
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("UnpairedExample", "PreferencePair"), name="kto")
-    accelerator = make_accelerator(cfg.run)
-    policy = load_causal_lm(cfg.model).to(accelerator.device)
+    policy = load_causal_lm(cfg.model)
+    accelerator = make_accelerator(cfg.run, model=policy)
+    policy = policy.to(accelerator.device)
     task, reference = build_kto_task(cfg, policy, data.train, data.eval, tokenizer.pad_token_id, accelerator)
     if reference is not None:
         reference.to(accelerator.device)

@@ -315,6 +315,9 @@ LOSS_REDUCTIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor]]] = {
 # The loop
 # --------------------------------------------------------------------------------------------
 
+#: Added per process index to the sampling seed (:meth:`OnlineLoop.sampling_seed`).
+PROCESS_SEED_STRIDE = 100_000_007
+
 
 class OnlineLoop:
     """Engine, optimizer, schedule, timers, logging and checkpoints of one online run, plus
@@ -325,7 +328,7 @@ class OnlineLoop:
         if n_prompts == 0:
             raise ValueError(f"{name}: no prompts")
         self.optim, self.run, self.rollout, self.name, self.n_prompts = optim, run, rollout, name, n_prompts
-        self.acc = make_accelerator(run)
+        self.acc = make_accelerator(run, model=model)
         self.num_rollouts = rollout.num_rollouts or max(1, math.ceil(optim.epochs * n_prompts / rollout.prompts_per_rollout))
         self.minibatch = optim.batch_size * optim.grad_accum  # episodes per optimizer step, per process
         # Episodes of the largest share (prompts_for deals prompts out in turn, with all their
@@ -354,6 +357,12 @@ class OnlineLoop:
         """This process's prompt indices for rollout ``k``."""
         idx = rollout_prompt_indices(self.n_prompts, self.rollout.prompts_per_rollout, self.run.seed, k)
         return idx[self.acc.process_index :: self.acc.num_processes]
+
+    def sampling_seed(self, k: int) -> int:
+        """Seed of rollout ``k``'s sampling on this process: a function of (run seed, k) so that a
+        resumed run draws the same samples, and of the process index so that processes sampling
+        their prompt shares do not reuse one random stream (process 0 keeps the single-process seed)."""
+        return self.run.seed * 1_000_003 + k + self.acc.process_index * PROCESS_SEED_STRIDE
 
     @contextmanager
     def timed(self, phase: str):
@@ -426,11 +435,12 @@ class OnlineLoop:
 
     def whiten(self, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
         """:func:`~alignkit.ops.masked_whiten` with μ and σ² (unbiased) over the masked elements of
-        *every* process's share of the rollout: the whole-batch statistic, whatever the split."""
+        *every* process's share of the rollout: the whole-batch statistic, whatever the split.
+        With fewer than two masked elements in all there is no variance: ``x`` is returned masked."""
         x64, m64 = x.double(), mask.double()
         n, total, squares = all_reduce_sum([float(m64.sum()), float((x64 * m64).sum()), float((x64**2 * m64).sum())])
         if n <= 1:
-            raise ValueError(f"whitening needs at least 2 masked elements over all processes, got {n:g}")
+            return x * mask
         mean = total / n
         var = (squares - n * mean**2) / (n - 1)
         return (x - mean) * (1.0 / math.sqrt(max(var, 0.0) + eps)) * mask

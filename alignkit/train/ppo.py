@@ -35,7 +35,7 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss, ppo_value_loss
 from alignkit.models.heads import ScalarHead
 from alignkit.models.loading import Reference, load_causal_lm, load_scalar_head_model, load_tokenizer, save_model
-from alignkit.ops import entropy_from_logits, masked_mean, masked_whiten
+from alignkit.ops import entropy_from_logits, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
 from alignkit.rollout.generate import HFGenerator, SamplingConfig
 from alignkit.rollout.rewards import RewardModel, RewardSource
@@ -243,7 +243,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
         # 1. sample
         with loop.timed("generation"):
             rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
-            gens = generator.generate(rollout_prompts, n=cfg.rollout.samples_per_prompt, seed=cfg.run.seed * 1_000_003 + k)
+            gens = generator.generate(rollout_prompts, n=cfg.rollout.samples_per_prompt, seed=loop.sampling_seed(k))
             batch = build_rollout_batch(gens, tokenizer.pad_token_id, tokenizer.eos_token_id).to(loop.device)
         # 2. score, and the log-probs / values at sampling time
         with loop.timed("scoring"):
@@ -262,8 +262,8 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
         batch.rewards, kl = kl_penalized_rewards(batch.scores, batch.logps, batch.ref_logps, batch.response_mask,
                                                  beta if in_reward else 0.0, cfg.kl.kl_estimator)
         batch.advantages, batch.returns = gae(batch.rewards, batch.values, batch.response_mask, cfg.gamma, cfg.gae_lambda)
-        if cfg.whiten_advantages and batch.response_mask.sum() > 1:
-            batch.advantages = masked_whiten(batch.advantages, batch.response_mask)
+        if cfg.whiten_advantages:  # μ and σ over the whole rollout, all processes' shares
+            batch.advantages = loop.whiten(batch.advantages, batch.response_mask)
         # 5. PPO epochs over minibatches
         with loop.timed("update"):
             loss_fn = lambda m, mb: ppo_loss(m, mb, cfg, 0.0 if in_reward else beta)  # noqa: E731
