@@ -145,8 +145,20 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+class _ScalarState:
+    """Checkpointing of a controller whose whole state is its current ``value`` (β or λ)."""
+
+    value: float
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
 @dataclass
-class FixedKLController:
+class FixedKLController(_ScalarState):
     """A constant KL coefficient β."""
 
     kl_coef: float
@@ -158,15 +170,9 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
 
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
 
 @dataclass
-class AdaptiveKLController:
+class AdaptiveKLController(_ScalarState):
     """Adaptive KL coefficient (Ziegler et al. 2019, §2.2): steer the measured KL to ``target``.
 
         e = clip(KL / KL_target − 1, −0.2, 0.2)
@@ -191,15 +197,9 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
-
 
 @dataclass
-class LagrangeMultiplier:
+class LagrangeMultiplier(_ScalarState):
     """λ ≥ 0 for a cost constraint E[cost] ≤ threshold (Safe RLHF, Dai et al. 2024, §3.3).
 
     The policy maximises the Lagrangian E[reward] − λ·(E[cost] − threshold); λ does gradient
@@ -226,12 +226,6 @@ class LagrangeMultiplier:
         value = max(0.0, self.value + self.lr * (float(mean_cost) - self.threshold))
         self.value = value if self.max_value is None else min(value, self.max_value)
         return self.value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
 
 
 def lagrangian_scores(reward: Tensor, cost: Tensor, lam: float | Tensor) -> Tensor:

@@ -22,10 +22,11 @@ reference forward per step), float32 (``bf16=False``, as alignkit), no evaluatio
 progress bar during training, ``dataloader_num_workers=0`` (workers only add processes on 2
 cores), alignkit's batch order (better than its ``group_by_length``). Its padding-free modes stay
 off: DPO's is disabled in TRL 1.x, and SFT's needs FlashAttention (with sdpa on a CPU packed
-sequences would attend to each other). alignkit: DPO with ``batching=prefix_shared`` (the prompt
-computed once per pair) and ``reference=precomputed``; SFT and RM with padded batches
-(``--sft-batching``/``--rm-batching padding_free`` packs each micro-batch into one row with a dense
-N×N mask, measured 1.1× (SFT) to 3× (RM, DPO) slower on this CPU).
+sequences would attend to each other). alignkit: DPO and RM with ``batching=prefix_shared`` (the
+prompt computed once per pair), DPO with ``reference=precomputed``, RM reading its reward where it
+is needed (the last layer's MLP and the head run at each sequence's last token only); SFT with
+padded batches (``--sft-batching``/``--rm-batching``/``--dpo-batching padding_free`` packs each
+micro-batch into one row with a dense N×N mask, measured 1.1× (SFT) to 3× (RM, DPO) slower on this CPU).
 
 What is printed, per trainer and method (the run with the least CPU time of ``--repeats``,
 frameworks alternating so load on the shared machine hits both alike):

@@ -272,7 +272,7 @@ def test_average_orders_makes_swapping_swap_the_probabilities(tiny_dir, untraine
 
 
 def test_verdict_probs_match_a_naive_computation(untrained):
-    from alignkit.eval.metrics import sequence_logps
+    from alignkit.eval.metrics import response_logprobs
 
     model, pad = untrained.model, untrained.tokenizer.pad_token_id
     contexts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
@@ -281,7 +281,7 @@ def test_verdict_probs_match_a_naive_computation(untrained):
     for tails in (single, multi):
         got = verdict_probs(model, contexts, tails, pad, batch_size=2)
         k = len(tails[0])
-        naive = sequence_logps(model, [c for c in contexts for _ in range(k)], [t for row in tails for t in row], pad)
+        naive = response_logprobs(model, [c for c in contexts for _ in range(k)], [t for row in tails for t in row], pad)
         want = torch.softmax(naive.view(3, k), dim=-1)
         assert torch.allclose(got, want, atol=1e-5), (got, want)
         assert torch.allclose(got.sum(-1), torch.ones(3), atol=1e-6)

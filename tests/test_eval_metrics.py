@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignkit.eval.metrics import best_of_n_kl, kl_to_reference, lm_loss, sequence_logps, win_rate
+from alignkit.eval.metrics import best_of_n_kl, kl_to_reference, lm_loss, response_logprobs, win_rate
 
 
 def test_kl_of_a_policy_to_itself_is_zero_and_to_another_is_not(tiny_dir, tiny_tokenizer):
@@ -18,11 +18,11 @@ def test_kl_of_a_policy_to_itself_is_zero_and_to_another_is_not(tiny_dir, tiny_t
     assert kl_to_reference(a, b, prompts, responses, 0) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
         b.lm_head.weight.add_(0.5 * torch.randn_like(b.lm_head.weight))
-    diff = sequence_logps(a, prompts, responses, 0) - sequence_logps(b, prompts, responses, 0)
+    diff = response_logprobs(a, prompts, responses, 0) - response_logprobs(b, prompts, responses, 0)
     assert kl_to_reference(a, b, prompts, responses, 0) == pytest.approx(float(diff.mean()), rel=1e-6)
     assert abs(float(diff.mean())) > 1e-3
     # per-token log-probs of the responses only: 3 and 2 tokens, each log p < 0
-    assert (sequence_logps(a, prompts, responses, 0) < 0).all()
+    assert (response_logprobs(a, prompts, responses, 0) < 0).all()
 
 
 def test_best_of_n_kl_formula():

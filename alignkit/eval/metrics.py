@@ -22,7 +22,7 @@ def _response_batch(prompt_ids: Sequence[list[int]], response_ids: Sequence[list
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt_ids, response_ids, pad_id: int, batch_size: int = 32) -> torch.Tensor:
+def response_logprobs(model, prompt_ids, response_ids, pad_id: int, batch_size: int = 32) -> torch.Tensor:
     """Σ_t log π(y_t | x, y_<t) over each response: ``(N,)``."""
     out = []
     device = next(model.parameters()).device
@@ -38,7 +38,7 @@ def kl_to_reference(policy, reference, prompt_ids, response_ids, pad_id: int) ->
     """Mean per-sequence KL(π‖π_ref) from samples of π (k1 estimator; see module doc)."""
     if not prompt_ids:
         return 0.0
-    diff = sequence_logps(policy, prompt_ids, response_ids, pad_id) - sequence_logps(reference, prompt_ids, response_ids, pad_id)
+    diff = response_logprobs(policy, prompt_ids, response_ids, pad_id) - response_logprobs(reference, prompt_ids, response_ids, pad_id)
     return float(diff.mean())
 
 

@@ -233,12 +233,12 @@ def _next_token_logps(model, contexts, option_ids, pad_id: int, device) -> Tenso
 
 
 def _sequence_option_logps(model, contexts, tails, pad_id: int, batch_size: int) -> Tensor:
-    from alignkit.eval.metrics import sequence_logps
+    from alignkit.eval.metrics import response_logprobs
 
     k = len(tails[0])
     prompts = [c for c in contexts for _ in range(k)]  # (B·K) rows: row i·K + j is option j of pair i
     responses = [t for row in tails for t in row]
-    return sequence_logps(model, prompts, responses, pad_id, batch_size).view(len(contexts), k)
+    return response_logprobs(model, prompts, responses, pad_id, batch_size).view(len(contexts), k)
 
 
 def order_stats(results: Sequence[dict]) -> dict[str, float]:
