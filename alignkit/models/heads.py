@@ -64,7 +64,7 @@ class ScalarHead(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask=None, position_ids=None, positions: Tensor | None = None) -> Tensor:
         base = _unwrap(self.model)
         backbone = getattr(base, base.base_model_prefix)
-        with _last_mlp_only_at(backbone, positions, input_ids.shape) as skip:
+        with _last_mlp_only_at(backbone, positions) as skip:
             self.last_mlp_rows = None if skip.mlp is None else int(positions.numel())
             hidden = backbone(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -92,11 +92,11 @@ class _last_mlp_only_at:
     """Context manager: the backbone's last MLP computes only the rows ``positions`` of its
     ``(B, T, H)`` input; its output is zero elsewhere (see :class:`ScalarHead`)."""
 
-    def __init__(self, backbone, positions: Tensor | None, shape: torch.Size):
+    def __init__(self, backbone, positions: Tensor | None):
         mlp = last_mlp(backbone)
         checkpointing = getattr(backbone, "gradient_checkpointing", False)
         self.mlp = mlp if positions is not None and mlp is not None and not checkpointing else None
-        self.positions, self.shape, self.handles = positions, shape, []
+        self.positions, self.handles = positions, []
 
     def _gather(self, module, args, kwargs):
         if args:
