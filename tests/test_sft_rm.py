@@ -67,7 +67,9 @@ def trained_rm(tiny_dir, tmp_path_factory):
     out = tmp / "rm"
     cfg = build_config(RMConfig, overrides=_run(**{
         "model.path": tiny_dir, "data.path": data, "data.eval_size": 48, "optim.lr": 3e-3, "optim.batch_size": 16,
-        "optim.epochs": 3, "run.output_dir": out, "run.progress": "false"}))
+        "optim.epochs": 3, "run.output_dir": out, "run.progress": "false",
+        # the prefix-shared batching end to end (the padded one runs in the demo and the 2-process test)
+        "batching": "prefix_shared"}))
     result = run_rm(cfg)
     return out, data, result
 
@@ -156,6 +158,14 @@ def test_margin_labels_change_the_loss_as_the_formula_says(tiny_dir, tiny_tokeni
     assert with_m.item() == pytest.approx(expected.item(), rel=1e-5)
     assert without.item() == pytest.approx(-torch.nn.functional.logsigmoid(delta).sum().item(), rel=1e-5)
     assert with_m.item() > without.item()
+
+
+def test_rm_rejects_an_unknown_batching(tiny_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    code = main(["rm", f"model.path={tiny_dir}", f"data.path={data}", f"run.output_dir={tmp_path / 'x'}",
+                 "batching=prefix"])
+    assert code != 0
+    assert "prefix_shared" in capsys.readouterr().err
 
 
 def test_rm_rejects_sft_data_clearly(tiny_dir, tmp_path, capsys):
