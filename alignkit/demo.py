@@ -59,6 +59,7 @@ class Scale:
     rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)
     rounds: int = 2  # iterative RLHF rounds
     rl_rollouts: int = 10  # rollouts (PPO, GRPO, RLOO)
+    constrained_rollouts: int = 10  # rollouts of the Safe-RLHF pair (the Lagrange multiplier needs time to settle)
     max_new_tokens: int = 24
     hidden_size: int = 96
     num_hidden_layers: int = 3
@@ -66,7 +67,7 @@ class Scale:
 
 
 FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4,
-             rl_rollouts=24)
+             rl_rollouts=12, constrained_rollouts=24)
 QUICK = Scale(pretrain_epochs=5, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=3,
               dpo_epochs=1, rl_rollouts=10, rs_prompts=256)
 
@@ -301,12 +302,22 @@ def reward_models(ctx: Context, names=("helpfulness", "safety", "helpfulness_con
 
 
 def combined_reward(ctx: Context, dirs: dict[str, Path] | None = None):
-    """Llama 2's gated combination of the helpfulness and safety reward models: the safety score
-    where it is below 0 (the centred reward of an average response), else the helpfulness score."""
+    """Llama 2's gated combination of the helpfulness and safety reward models (eq. 4): the safety
+    score on the adversarial prompts its annotations cover (Llama 2's is_safety(p)), the
+    helpfulness score elsewhere.
+
+    Llama 2 also gates on R_s < 0.15 everywhere. Here that breaks RL: the safety model never saw the
+    other kinds and scores most of their answers below 0 whatever they say (so the reward ignores
+    correctness, and honest "I don't know" to unknown entities), and without the prompt flag a safe
+    refusal is judged by the helpfulness model, which ranks it below evasive or off-topic text.
+    With that gate, full-scale PPO, GRPO and RLOO fell below SFT (harmful prompts answered with
+    gibberish or off-topic text, which the helpfulness model preferred to refusals)."""
     from alignkit.rollout.rewards import RewardModel, SafetyGated
 
     dirs = dirs or ctx.reward_models
-    return SafetyGated(RewardModel(str(dirs["helpfulness"])), RewardModel(str(dirs["safety"])), threshold=0.0)
+    adversarial = ANNOTATIONS["safety"][2]
+    return SafetyGated(RewardModel(str(dirs["helpfulness"])), RewardModel(str(dirs["safety"])), threshold=float("-inf"),
+                       is_unsafe_prompt=lambda messages: ctx.world.find_prompt(messages).kind in adversarial)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,14 +444,16 @@ def _online_common(ctx: Context, name: str):
     )
 
 
-def _ppo(ctx: Context, name: str, ptx: bool = False, reward=None, cost=None, cost_threshold: float = 0.0) -> None:
+def _ppo(ctx: Context, name: str, ptx: bool = False, reward=None, cost=None, cost_threshold: float = 0.0,
+         rollouts: int | None = None) -> None:
     from alignkit.train.online import KLConfig, RolloutConfig
     from alignkit.train.ppo import PPOConfig, run_ppo
 
     s = ctx.scale
     cfg = PPOConfig(**_online_common(ctx, name),
                     optim=OptimConfig(lr=RL_LR, batch_size=16, schedule="constant", warmup_ratio=0.0),
-                    rollout=RolloutConfig(prompts_per_rollout=32, samples_per_prompt=1, num_rollouts=s.rl_rollouts, ppo_epochs=2),
+                    rollout=RolloutConfig(prompts_per_rollout=32, samples_per_prompt=1, num_rollouts=rollouts or s.rl_rollouts,
+                                          ppo_epochs=2),
                     kl=KLConfig(kl_coef=RL_KL_COEF, kl_estimator="k1"), value_model="shared", vf_coef=0.1,
                     ptx_coef=0.5 if ptx else 0.0, cost_threshold=cost_threshold, lagrange_lr=0.5)
     ptx_texts = ctx.world.pretraining_corpus()[:512] if ptx else None
@@ -468,9 +481,10 @@ def ppo_safety_constrained(ctx: Context) -> None:
     from alignkit.rollout.rewards import RewardModel, WeightedSum
 
     helpful = RewardModel(str(ctx.reward_models["helpfulness"]))
-    _ppo(ctx, "ppo_helpfulness_only", reward=helpful)
+    n = ctx.scale.constrained_rollouts
+    _ppo(ctx, "ppo_helpfulness_only", reward=helpful, rollouts=n)
     cost = WeightedSum([(RewardModel(str(ctx.reward_models["safety"])), -1.0)], name="cost=-safety")
-    _ppo(ctx, "ppo_cost_constrained", reward=helpful, cost=cost, cost_threshold=SAFETY_COST_THRESHOLD)
+    _ppo(ctx, "ppo_cost_constrained", reward=helpful, cost=cost, cost_threshold=SAFETY_COST_THRESHOLD, rollouts=n)
 
 
 def ppo(ctx: Context) -> None:
