@@ -26,12 +26,14 @@ def _model(tiny_dir):
     return load_causal_lm(ModelConfig(path=str(tiny_dir)))
 
 
-def _train(tiny_dir, tokenizer, out, batch_size, grad_accum, steps=3, stop_after=None, resume=False, save_every=0, padding_free=False):
+def _train(tiny_dir, tokenizer, out, batch_size, grad_accum, steps=3, stop_after=None, resume=False, save_every=0, padding_free=False,
+           checkpointing=False):
     torch.manual_seed(0)
     items = _items(tokenizer)
     task = build_sft_task(items, [], tokenizer.pad_token_id, padding_free=padding_free)
     optim = OptimConfig(lr=1e-2, batch_size=batch_size, grad_accum=grad_accum, max_steps=steps, warmup_ratio=0.0)
-    run = RunConfig(output_dir=str(out), progress=False, report_to="jsonl", resume=resume, save_every=save_every)
+    run = RunConfig(output_dir=str(out), progress=False, report_to="jsonl", resume=resume, save_every=save_every,
+                    gradient_checkpointing=checkpointing)
     trainer = Trainer(_model(tiny_dir), task, optim, run)
     result = trainer.fit(stop_after=stop_after)
     return trainer.unwrapped(), result
@@ -52,6 +54,13 @@ def test_accumulation_split_gives_the_same_update(tiny_dir, tiny_tokenizer, tmp_
     # and the parameters did move
     fresh = _model(tiny_dir)
     assert _max_diff(big, fresh) > 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_dir, tiny_tokenizer, tmp_path):
+    plain, _ = _train(tiny_dir, tiny_tokenizer, tmp_path / "a", batch_size=4, grad_accum=1)
+    recomputed, _ = _train(tiny_dir, tiny_tokenizer, tmp_path / "b", batch_size=4, grad_accum=1, checkpointing=True)
+    assert all(getattr(layer, "gradient_checkpointing", False) for layer in recomputed.model.layers)  # it is on
+    assert _max_diff(plain, recomputed) < 1e-5
 
 
 def test_padding_free_gives_the_same_update(tiny_dir, tiny_tokenizer, tmp_path):

@@ -241,7 +241,7 @@ def test_reward_read_at_positions_skips_the_last_mlp_elsewhere_and_changes_nothi
     assert torch.allclose(fast_r, full_r, atol=1e-10)
     assert len(fast_g) == len(full_g) and all(torch.allclose(a, b, atol=1e-10) for a, b in zip(fast_g, full_g))
     # with gradient checkpointing (the backward recomputes the layer) every position is computed
-    head.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    head.model.activation_checkpointing_enable()
     head.train()
     ckpt_r, ckpt_g = rewards_and_grads(True)
     assert head.last_mlp_rows is None

@@ -94,7 +94,10 @@ class _last_mlp_only_at:
 
     def __init__(self, backbone, positions: Tensor | None):
         mlp = last_mlp(backbone)
-        checkpointing = getattr(backbone, "gradient_checkpointing", False)
+        # the last layer's own flag (transformers 5 checkpoints per layer), else the backbone's
+        layers = getattr(backbone, "layers", None)
+        checkpointing = getattr(layers[-1] if layers is not None and len(layers) else backbone, "gradient_checkpointing",
+                                getattr(backbone, "gradient_checkpointing", False))
         self.mlp = mlp if positions is not None and mlp is not None and not checkpointing else None
         self.positions, self.handles = positions, []
 

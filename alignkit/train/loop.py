@@ -223,8 +223,10 @@ class Trainer:
             self.total_steps = max(1, math.ceil(optim.epochs * self.steps_per_epoch))
         if run.gradient_checkpointing:
             inner = getattr(model, "model", model)
-            if hasattr(inner, "gradient_checkpointing_enable"):
-                inner.gradient_checkpointing_enable()
+            # transformers 5 renamed it (the old name warns and goes in v6)
+            enable = getattr(inner, "activation_checkpointing_enable", None) or getattr(inner, "gradient_checkpointing_enable", None)
+            if enable is not None:
+                enable()
         optimizer = build_optimizer(model, optim)
         scheduler = build_scheduler(optimizer, optim, self.total_steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
