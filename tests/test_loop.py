@@ -133,7 +133,11 @@ def test_length_buckets_reduce_padding():
 def test_mixed_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
     from types import SimpleNamespace
 
+    from accelerate.state import AcceleratorState
+
     from alignkit.train import loop
+
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # as in a fresh process
 
     def model(hidden):
         m = torch.nn.Linear(2, 2)
@@ -152,3 +156,8 @@ def test_mixed_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
     mp, why = loop.choose_mixed_precision("auto", model(loop.CPU_BF16_MIN_HIDDEN))
     assert mp == "bf16" and "avx512_bf16" in why
     assert loop.choose_mixed_precision("auto", None)[0] == "no"  # size unknown: the safe choice
+    # accelerate allows one precision per process: a later "auto" follows the first choice
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {"mixed_precision": "no"})
+    monkeypatch.setattr(AcceleratorState, "mixed_precision", property(lambda self: "no"))
+    mp, why = loop.choose_mixed_precision("auto", model(4096))
+    assert mp == "no" and "already runs" in why

@@ -168,3 +168,17 @@ def test_hh_rlhf_pairs(model, model64, tiny_tokenizer, dtype):
             b = BATCHINGS[name]
             logps, _ = b.logps(model, b.collate(hh, tiny_tokenizer.pad_token_id))
             torch.testing.assert_close(logps, expected, **TOL[dtype])
+
+
+def test_last_index_reads_each_sequence_where_its_own_padded_row_would():
+    from alignkit.data.prefix_sharing import collate_prefix_shared
+
+    items = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10], "margin": 0.0, "weight": 1.0, "group": -1},
+             {"prompt_ids": [5, 6], "chosen_ids": [8], "rejected_ids": [], "margin": 0.0, "weight": 1.0, "group": -1}]
+    for packed in (False, True):
+        batch = collate_prefix_shared(items, 0, packed=packed)
+        flat = batch["input_ids"].flatten()
+        # the last token of prompt ‖ response; an empty response: the prompt's last token
+        assert flat[batch["last_index"]].tolist() == [9, 8, 10, 6], packed
+        positions = batch["position_ids"].flatten()[batch["last_index"]]
+        assert positions.tolist() == [4, 2, 3, 1], packed

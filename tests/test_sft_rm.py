@@ -240,6 +240,28 @@ def test_reward_read_at_positions_skips_the_last_mlp_elsewhere_and_changes_nothi
     assert rows_seen == [batch["input_ids"].numel(), 6]  # full forward: B·T rows; positions: 2B
     assert torch.allclose(fast_r, full_r, atol=1e-10)
     assert len(fast_g) == len(full_g) and all(torch.allclose(a, b, atol=1e-10) for a, b in zip(fast_g, full_g))
+    # a repeated position computes every row (its MLP gradient would otherwise count twice)
+    head.zero_grad()
+    ends = torch.tensor([3, 3, batch["input_ids"].numel() - 1])
+    r = head(batch["input_ids"], batch["attention_mask"], positions=ends)
+    assert head.last_mlp_rows is None
+    r.sum().backward()
+    dup_g = [p.grad.clone() for p in head.parameters() if p.grad is not None]
+    head.zero_grad()
+    values = head(batch["input_ids"], batch["attention_mask"])
+    values.flatten()[ends].sum().backward()
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(dup_g, [p.grad for p in head.parameters() if p.grad is not None]))
+    # torch's checkpoint_wrapper on the last layer (FSDP activation checkpointing): every position
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = head.model.model.layers
+    original = layers[-1]
+    layers[-1] = checkpoint_wrapper(original)
+    wrapped_r, wrapped_g = rewards_and_grads(True)
+    assert head.last_mlp_rows is None
+    assert torch.allclose(wrapped_r, full_r, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(wrapped_g, full_g))
+    layers[-1] = original
     # with gradient checkpointing (the backward recomputes the layer) every position is computed
     head.model.activation_checkpointing_enable()
     head.train()

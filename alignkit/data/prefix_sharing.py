@@ -122,8 +122,10 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
         chosen, rejected = _targets(len(it["prompt_ids"]), len(it["chosen_ids"]), len(it["rejected_ids"]), start)
         logit_index[i] = [row * T + j for j in chosen]
         logit_index[B + i] = [row * T + j for j in rejected]
-        P, C = len(it["prompt_ids"]), len(it["chosen_ids"])
-        last_index[i], last_index[B + i] = row * T + start + P + C - 1, row * T + start + n - 1
+        P, C, R = len(it["prompt_ids"]), len(it["chosen_ids"]), len(it["rejected_ids"])
+        # an empty response is read at the prompt's last token, as in its own padded row
+        last_index[i] = row * T + start + P + C - 1
+        last_index[B + i] = row * T + (start + n - 1 if R else start + P - 1)
         offset += n
     targets = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]  # (2B,) lists
     mask = torch.stack([_mask(segment_id[r], branch[r]) for r in range(rows)])  # (R, T, T)

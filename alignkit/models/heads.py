@@ -7,6 +7,8 @@ block-diagonal mask plus ``position_ids``), so trainers don't care which one the
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -50,8 +52,11 @@ class ScalarHead(torch.nn.Module):
     could not change the result. Every earlier layer, and the last layer's attention (its keys and
     values cover the whole context), runs in full. On the benchmark's 4-layer model this is ~17% of
     a training step; the rewards and gradients are the same (tested). It is skipped (all positions
-    computed) when the backbone has no ``layers[-1].mlp`` or uses gradient checkpointing (whose
-    recomputation in the backward pass would run the MLP on every position).
+    computed) when the backbone has no ``layers[-1].mlp``, when the last layer is recomputed in the
+    backward pass (HF gradient checkpointing, torch's ``checkpoint_wrapper`` as used by FSDP
+    activation checkpointing: the recomputation would run the MLP on every position), when the
+    MLP's linears are quantised (their scales depend on the rows they see), or when a position
+    repeats (its MLP gradient would count twice).
     """
 
     def __init__(self, model):
@@ -64,6 +69,8 @@ class ScalarHead(torch.nn.Module):
     def forward(self, input_ids: Tensor, attention_mask=None, position_ids=None, positions: Tensor | None = None) -> Tensor:
         base = _unwrap(self.model)
         backbone = getattr(base, base.base_model_prefix)
+        if positions is not None:
+            positions = positions.to(input_ids.device)
         with _last_mlp_only_at(backbone, positions) as skip:
             self.last_mlp_rows = None if skip.mlp is None else int(positions.numel())
             hidden = backbone(
@@ -74,6 +81,9 @@ class ScalarHead(torch.nn.Module):
         # With peft the head is a `modules_to_save` wrapper at the same attribute, so this call
         # runs (and trains) the adapter's copy of the head.
         return base.score(hidden).squeeze(-1).float()  # (B, T), or (N,) with positions
+
+
+_QUANTISED = re.compile(r"8bit|4bit|fp8|quant|int8|int4", re.IGNORECASE)
 
 
 def last_mlp(backbone) -> torch.nn.Module | None:
@@ -94,11 +104,20 @@ class _last_mlp_only_at:
 
     def __init__(self, backbone, positions: Tensor | None):
         mlp = last_mlp(backbone)
-        # the last layer's own flag (transformers 5 checkpoints per layer), else the backbone's
-        layers = getattr(backbone, "layers", None)
-        checkpointing = getattr(layers[-1] if layers is not None and len(layers) else backbone, "gradient_checkpointing",
-                                getattr(backbone, "gradient_checkpointing", False))
-        self.mlp = mlp if positions is not None and mlp is not None and not checkpointing else None
+        usable = positions is not None and mlp is not None
+        if usable:
+            last = backbone.layers[-1]
+            # Recomputation in the backward pass (HF checkpointing sets the layer's own flag in
+            # transformers 5, the backbone's before; torch's checkpoint_wrapper, used by
+            # accelerate's FSDP activation checkpointing, wraps the layer) would run the MLP on
+            # every row after the hooks are gone. Quantised linears scale by what they see.
+            recomputed = any(getattr(m, "gradient_checkpointing", False) for m in (backbone, last)) or any(
+                hasattr(m, "_checkpoint_wrapped_module") for m in last.modules())
+            quantised = any(_QUANTISED.search(type(m).__name__) for m in mlp.modules())
+            # A repeated position would count the last MLP's gradient once per copy.
+            repeated = positions.unique().numel() != positions.numel()
+            usable = not (recomputed or quantised or repeated)
+        self.mlp = mlp if usable else None
         self.positions, self.handles = positions, []
 
     def _gather(self, module, args, kwargs):

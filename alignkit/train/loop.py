@@ -102,10 +102,19 @@ def choose_mixed_precision(requested: str, model: torch.nn.Module | None = None)
     at least :data:`CPU_BF16_MIN_HIDDEN`; fp32 otherwise."""
     if requested != "auto":
         return requested, "as configured"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:  # accelerate allows one precision per process
+        chosen = str(AcceleratorState().mixed_precision)
+        return chosen, f"this process's accelerator already runs with mixed_precision={chosen}"
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return "bf16", "CUDA device with native bf16"
         return "no", "CUDA device without bf16: fp32 (fp16 needs loss scaling; opt in with mixed_precision=fp16)"
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    if is_xpu_available() or is_npu_available():
+        return "no", "XPU/NPU device: fp32 (opt in with mixed_precision=bf16)"
     native = cpu_bf16_instructions()
     if native is None:
         return "no", "CPU without native bf16 instructions: fp32 (bf16 would be emulated, slower)"
