@@ -202,7 +202,8 @@ def run_alignkit(method: str, model, train: list[dict], tokenizer, args) -> dict
     """Train with alignkit; returns timings, the model FLOPs computed, the trained model and the losses."""
     from alignkit.config import OptimConfig, RunConfig
     from alignkit.train.loop import Task, Trainer
-    from alignkit.train.rm import PAIR_BATCHINGS, pairwise_batch_loss
+    from alignkit.train.common import PAIR_COLLATES
+    from alignkit.train.rm import pairwise_batch_loss
     from alignkit.train.sft import build_sft_task
 
     pad = tokenizer.pad_token_id
@@ -218,7 +219,7 @@ def run_alignkit(method: str, model, train: list[dict], tokenizer, args) -> dict
         from alignkit.models.heads import ScalarHead
 
         model = ScalarHead(model)
-        collate = PAIR_BATCHINGS[batching]
+        collate = PAIR_COLLATES[batching]
         task = Task(items=train, collate=lambda b: collate(b, pad),
                     loss=pairwise_batch_loss(True), units=lambda b: float(b["weight"].sum()), name="rm")
     else:
@@ -393,6 +394,14 @@ def ppo_memory(setup: str, model_dir: str) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def run_child(what: str, args: list[str], env: dict) -> dict:
+    """One measurement (``--run what``) in a fresh process; its figures (the last stdout line, JSON)."""
+    out = subprocess.run([sys.executable, __file__, "--run", what, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        sys.exit(f"{what} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sft,rm,dpo")
@@ -453,11 +462,7 @@ def main() -> None:
         for method in methods:
             order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]  # alternate who goes first
             for framework in order:
-                cmd = [sys.executable, __file__, "--run", f"{framework}:{method}", *forwarded]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if out.returncode != 0:
-                    sys.exit(f"{framework} {method} failed:\n{out.stderr[-4000:]}")
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = run_child(f"{framework}:{method}", forwarded, env)
                 runs.append(res)
                 print(f"  [{r + 1}/{args.repeats}] {framework:<9}{method:<4} {res['tokens_per_s']:>8.0f} tok/s  "
                       f"wall {res['wall_s']:6.1f} s  MFU {res['mfu']:.1%}  eval loss {res['eval_loss']:.4f}", flush=True)
@@ -490,11 +495,7 @@ def main() -> None:
         print(f"{'setup':<44}{'base MB':>8}{'weights MB':>11}{'copies':>8}{'trainable MB':>13}{'peak RSS MB':>12}")
         for setup, name in (("full", "full weights, reference copy, separate critic"),
                             ("lora", "LoRA r=16, reference = base, shared critic")):
-            cmd = [sys.executable, __file__, "--run", f"ppo:{setup}", "--model-dir", str(model_dir)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                sys.exit(f"ppo {setup} failed:\n{out.stderr[-4000:]}")
-            m = json.loads(out.stdout.strip().splitlines()[-1])
+            m = run_child(f"ppo:{setup}", ["--model-dir", str(model_dir)], env)
             runs.append(m)
             print(f"{name:<44}{m['base_mb']:>8.1f}{m['weights_mb']:>11.1f}{m['copies']:>8.2f}{m['trainable_mb']:>13.2f}"
                   f"{m['peak_rss_mb']:>12.0f}")

@@ -182,7 +182,8 @@ def test_reward_model_batchings_give_the_padded_rewards(tiny_dir, tiny_tokenizer
     from alignkit.data import PreferencePair, tokenize_records
     from alignkit.models.heads import ScalarHead, sequence_rewards
     from alignkit.models.loading import load_scalar_head_model
-    from alignkit.train.rm import PAIR_BATCHINGS, pairwise_batch_loss
+    from alignkit.train.common import PAIR_COLLATES
+    from alignkit.train.rm import pairwise_batch_loss
 
     head = ScalarHead(load_scalar_head_model(ModelConfig(path=str(tiny_dir)))).double().eval()
     pairs = [PreferencePair(prompt=[{"role": "user", "content": "q" * (1 + 3 * i)}], chosen="yes " * (i + 1),
@@ -190,7 +191,7 @@ def test_reward_model_batchings_give_the_padded_rewards(tiny_dir, tiny_tokenizer
     items, _ = tokenize_records(pairs, tiny_tokenizer)
     pad = tiny_tokenizer.pad_token_id
     results = {}
-    for name, collate in PAIR_BATCHINGS.items():
+    for name, collate in PAIR_COLLATES.items():
         for packed in ((False, True) if name == "prefix_shared" else (None,)):
             batch = collate(items, pad) if packed is None else collate(items, pad, packed=packed)
             head.zero_grad()

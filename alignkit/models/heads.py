@@ -67,8 +67,7 @@ class ScalarHead(torch.nn.Module):
         (read by :class:`alignkit.train.flops.FlopCounter` to count only the FLOPs computed)."""
 
     def forward(self, input_ids: Tensor, attention_mask=None, position_ids=None, positions: Tensor | None = None) -> Tensor:
-        base = _unwrap(self.model)
-        backbone = getattr(base, base.base_model_prefix)
+        backbone = scalar_head_backbone(self)
         if positions is not None:
             positions = positions.to(input_ids.device)
         with _last_mlp_only_at(backbone, positions) as skip:
@@ -80,7 +79,7 @@ class ScalarHead(torch.nn.Module):
             hidden = hidden.flatten(0, 1)[positions]  # (N, H)
         # With peft the head is a `modules_to_save` wrapper at the same attribute, so this call
         # runs (and trains) the adapter's copy of the head.
-        return base.score(hidden).squeeze(-1).float()  # (B, T), or (N,) with positions
+        return _unwrap(self.model).score(hidden).squeeze(-1).float()  # (B, T), or (N,) with positions
 
 
 _QUANTISED = re.compile(r"8bit|4bit|fp8|quant|int8|int4", re.IGNORECASE)

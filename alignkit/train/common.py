@@ -1,4 +1,5 @@
-"""Small pieces the per-algorithm files share: reading + tokenising a data section, seeding."""
+"""Small pieces the per-algorithm files share: reading + tokenising a data section, seeding, the
+batchings of comparison pairs, and the choice of a reference policy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 
 from alignkit.config import DataConfig
+from alignkit.data.collate import collate_pairs, pack_pairs
+from alignkit.data.prefix_sharing import collate_prefix_shared
 
 
 def seed_everything(seed: int) -> None:
@@ -66,3 +69,39 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, expect: tuple[str, ...]
     if eval_report is not None:
         print(f"[alignkit] {name} eval data ({data.eval_path}):\n{eval_report.summary()}")
     return PreparedData(train, evals, train_records, eval_records, report)
+
+
+#: How the pairs of a micro-batch go through one forward pass (DPO family, reward models): name ->
+#: collate ``(pair items, pad id) -> batch``. All give the same per-sequence results up to float
+#: rounding; padding-free and prefix-shared batches carry ``last_index`` / ``logit_index``.
+PAIR_COLLATES = {
+    "padded": collate_pairs,  # chosen and rejected as 2B right-padded rows
+    "padding_free": lambda items, pad_id: pack_pairs(items),  # the 2B sequences packed in one row
+    "prefix_shared": collate_prefix_shared,  # one row prompt ‖ chosen ‖ rejected per pair
+}
+
+
+def resolve_pair_batching(batching: str, padding_free: bool) -> str:
+    """The pair batching a config's ``batching`` means ('auto': padding_free with
+    ``run.padding_free``, else padded); rejects unknown names."""
+    if batching not in ("auto", *PAIR_COLLATES):
+        raise ValueError(f"batching must be auto, {', '.join(PAIR_COLLATES)}; got {batching!r}")
+    if batching == "auto":
+        return "padding_free" if padding_free else "padded"
+    return batching
+
+
+def check_pair_batching(batching: str, model) -> None:
+    """Batchings other than padded need an attention that takes a 4-D mask (sdpa or eager)."""
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if batching != "padded" and attention not in ("sdpa", "eager"):
+        raise ValueError(f"batching={batching} needs an attention implementation that takes a 4-D mask "
+                         f"(sdpa or eager); the model uses {attention!r}: use batching=padded")
+
+
+def check_reference_choice(reference: str, lora: bool) -> None:
+    """A config's π_ref choice (DPO, KTO): copy, adapter (LoRA only), precomputed or auto."""
+    if reference not in ("auto", "copy", "adapter", "precomputed"):
+        raise ValueError(f"reference must be auto, copy, adapter or precomputed; got {reference!r}")
+    if reference == "adapter" and not lora:
+        raise ValueError("reference=adapter needs model.lora=true (the reference is the base with adapters off)")

@@ -35,13 +35,14 @@ import torch
 from torch import Tensor
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data import collate_pairs, pack_pairs
-from alignkit.data.prefix_sharing import collate_prefix_shared, response_logps
+from alignkit.data.prefix_sharing import response_logps
 from alignkit.losses import PREFERENCE_LOSSES, preference_loss
 from alignkit.models.heads import forward_logps
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
-from alignkit.train.common import prepare_data, seed_everything
+from alignkit.train.common import (
+    PAIR_COLLATES, check_pair_batching, check_reference_choice, prepare_data, resolve_pair_batching, seed_everything,
+)
 from alignkit.train.loop import Task, Trainer, make_accelerator
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -82,21 +83,15 @@ class DPOConfig:
             raise ValueError(f"loss_type must be one of {', '.join(PREFERENCE_LOSSES)}; got {self.loss_type!r}")
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0; got {self.beta}")
-        if self.reference not in ("auto", "copy", "adapter", "precomputed"):
-            raise ValueError(f"reference must be auto, copy, adapter or precomputed; got {self.reference!r}")
-        if self.reference == "adapter" and not self.model.lora:
-            raise ValueError("reference=adapter needs model.lora=true (the reference is the base with adapters off)")
-        if self.batching not in ("auto", *BATCHINGS):
-            raise ValueError(f"batching must be auto, {', '.join(BATCHINGS)}; got {self.batching!r}")
+        check_reference_choice(self.reference, self.model.lora)
+        self.batching_name()
         takes = inspect.signature(PREFERENCE_LOSSES[self.loss_type]).parameters
         if self.label_smoothing and "label_smoothing" not in takes:
             raise ValueError(f"label_smoothing applies to cdpo and robust, not {self.loss_type}")
 
     def batching_name(self) -> str:
         """The batching actually used (computed from ``batching`` and ``run.padding_free``)."""
-        if self.batching == "auto":
-            return "padding_free" if self.run.padding_free else "padded"
-        return self.batching
+        return resolve_pair_batching(self.batching, self.run.padding_free)
 
     def loss_options(self) -> dict:
         """Keyword options the chosen loss function takes (label_smoothing, gamma)."""
@@ -142,9 +137,8 @@ class Batching:
 
 
 BATCHINGS: dict[str, Batching] = {
-    "padded": Batching(collate_pairs, padded_logps),
-    "padding_free": Batching(lambda items, pad_id: pack_pairs(items), packed_logps),
-    "prefix_shared": Batching(collate_prefix_shared, prefix_shared_logps),
+    name: Batching(PAIR_COLLATES[name], logps)
+    for name, logps in (("padded", padded_logps), ("padding_free", packed_logps), ("prefix_shared", prefix_shared_logps))
 }
 
 
@@ -291,10 +285,7 @@ def build_dpo_task(cfg: DPOConfig, policy, train: list[dict], evals: list[dict],
     computed here, once, by ``policy`` (which is π_ref before training starts).
     """
     batching = BATCHINGS[cfg.batching_name()]
-    attention = getattr(policy.config, "_attn_implementation", "sdpa")
-    if cfg.batching_name() != "padded" and attention not in ("sdpa", "eager"):
-        raise ValueError(f"batching={cfg.batching_name()} needs an attention implementation that takes a 4-D mask "
-                         f"(sdpa or eager); the model uses {attention!r}: use batching=padded")
+    check_pair_batching(cfg.batching_name(), policy)
     reference = make_reference(policy, cfg.reference, cfg.loss_type)
     if cfg.reference == "precomputed" and cfg.loss_type not in REFERENCE_FREE:
         train = precompute_reference_logps(policy, train, batching, pad_id, cfg.optim.batch_size, accelerator)

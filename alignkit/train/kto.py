@@ -37,7 +37,7 @@ from alignkit.losses import kto_kl_reference_point, kto_loss
 from alignkit.models.heads import forward_logps
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
-from alignkit.train.common import prepare_data, seed_everything
+from alignkit.train.common import check_reference_choice, prepare_data, seed_everything
 from alignkit.train.loop import Task, Trainer, make_accelerator
 
 
@@ -67,10 +67,7 @@ class KTOConfig:
             raise ValueError(f"beta must be > 0; got {self.beta}")
         if self.desirable_weight < 0 or self.undesirable_weight < 0:
             raise ValueError("desirable_weight and undesirable_weight must be >= 0")
-        if self.reference not in ("auto", "copy", "adapter", "precomputed"):
-            raise ValueError(f"reference must be auto, copy, adapter or precomputed; got {self.reference!r}")
-        if self.reference == "adapter" and not self.model.lora:
-            raise ValueError("reference=adapter needs model.lora=true (the reference is the base with adapters off)")
+        check_reference_choice(self.reference, self.model.lora)
 
 
 # ---- data: unpaired items with a mismatched completion each --------------------------------------

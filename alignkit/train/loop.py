@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from alignkit.config import OptimConfig, RunConfig, config_to_dict
+from alignkit.config import OptimConfig, RunConfig
 from alignkit.train.flops import FlopCounter, known_peak
 from alignkit.train.sampler import epoch_batches, make_units, split_batch
 

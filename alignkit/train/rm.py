@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data import collate_pairs, collate_rated, pack_pairs
-from alignkit.data.prefix_sharing import collate_prefix_shared
+from alignkit.data import collate_pairs, collate_rated
 from alignkit.losses import pairwise_rm_loss, regression_rm_loss
 from alignkit.models.heads import ScalarHead, reward_calibration, sequence_rewards
 from alignkit.models.loading import load_scalar_head_model, load_tokenizer, save_model
-from alignkit.train.common import prepare_data, seed_everything
+from alignkit.train.common import (
+    PAIR_COLLATES, check_pair_batching, prepare_data, resolve_pair_batching, seed_everything,
+)
 from alignkit.train.loop import Task, Trainer
 
 
@@ -54,24 +55,11 @@ class RMConfig:
     def validate(self) -> None:
         if self.objective not in ("auto", "pairwise", "regression"):
             raise ValueError(f"objective must be auto, pairwise or regression; got {self.objective!r}")
-        if self.batching not in ("auto", *PAIR_BATCHINGS):
-            raise ValueError(f"batching must be auto, {', '.join(PAIR_BATCHINGS)}; got {self.batching!r}")
+        self.batching_name()
 
     def batching_name(self) -> str:
         """The pairwise batching actually used (from ``batching`` and ``run.padding_free``)."""
-        if self.batching == "auto":
-            return "padding_free" if self.run.padding_free else "padded"
-        return self.batching
-
-
-#: How the pairs of a micro-batch become one forward pass: (pair items, pad id) -> batch. All three
-#: give the same rewards up to float rounding; packed and prefix-shared batches carry
-#: ``last_index``, the flat index of each sequence's last token.
-PAIR_BATCHINGS = {
-    "padded": lambda items, pad_id: collate_pairs(items, pad_id),
-    "padding_free": lambda items, pad_id: pack_pairs(items),
-    "prefix_shared": collate_prefix_shared,
-}
+        return resolve_pair_batching(self.batching, self.run.padding_free)
 
 
 # ---- losses per batch ------------------------------------------------------------------------
@@ -102,7 +90,6 @@ def regression_batch_loss(head, batch):
 @torch.no_grad()
 def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw rewards of the chosen and rejected responses of pair items: two ``(N,)`` tensors."""
-    from alignkit.data import collate_pairs
 
     device = next(head.parameters()).device
     chosen, rejected = [], []
@@ -117,7 +104,6 @@ def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16) -> t
 
 @torch.no_grad()
 def score_rated(head, items: list[dict], pad_id: int, batch_size: int = 16) -> torch.Tensor:
-    from alignkit.data import collate_rated
 
     device = next(head.parameters()).device
     out = []
@@ -180,7 +166,8 @@ def run_rm(cfg: RMConfig):
     pad = tokenizer.pad_token_id
     head = ScalarHead(load_scalar_head_model(cfg.model))
     if objective == "pairwise":
-        batching = PAIR_BATCHINGS[cfg.batching_name()]
+        batching = PAIR_COLLATES[cfg.batching_name()]
+        check_pair_batching(cfg.batching_name(), head.model)
         task = Task(
             items=data.train, collate=lambda b: batching(b, pad), loss=pairwise_batch_loss(cfg.use_margin),
             units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad),
