@@ -20,6 +20,8 @@ from alignkit.data import (
     tokenize_records,
 )
 from alignkit.models.factory import DEFAULT_CORPUS, tiny_llama, train_tokenizer
+from alignkit.models.heads import lm_forward
+from alignkit.models.masks import packed_visibility
 
 USER = lambda text: {"role": "user", "content": text}  # noqa: E731
 PROMPTS = ["What is the capital of France?", "Hi", "Tell me something rude, please, right now.", "2 plus 3?"]
@@ -119,11 +121,10 @@ def test_pack_sft_rows_masks_positions_and_labels(sft_items):
     assert torch.cat([r["input_ids"][0] for r in rows]).tolist() == [t for i in sft_items for t in i["input_ids"]]
 
     row = rows[0]
-    N = row["input_ids"].shape[1]
-    assert row["attention_mask"].shape == (1, 1, N, N) and row["attention_mask"].dtype == torch.bool
+    assert "attention_mask" not in row  # the restarting position ids mark the sequences (no N×N mask held)
     a, b = lengths[0], lengths[1]
     assert row["position_ids"][0].tolist() == list(range(a)) + list(range(b))
-    mask = row["attention_mask"][0, 0]
+    mask = packed_visibility(row["position_ids"])[0, 0]  # what a model is made to attend
     assert mask[:a, :a].equal(torch.ones(a, a, dtype=torch.bool).tril())
     assert mask[a:, a:].equal(torch.ones(b, b, dtype=torch.bool).tril())
     assert not mask[a:, :a].any() and not mask[:a, a:].any()  # no attention across sequences
@@ -147,7 +148,7 @@ def test_packed_sft_logps_equal_padded(model, tok, sft_items):
     padded = collate_sft(sft_items, tok.pad_token_id)
     ref = token_logps(model(padded["input_ids"], attention_mask=padded["attention_mask"]).logits, padded["labels"])
     (row,) = pack_sft(sft_items, max_tokens=10_000)
-    out = model(row["input_ids"], attention_mask=row["attention_mask"], position_ids=row["position_ids"])
+    out = lm_forward(model, row)
     packed = token_logps(out.logits, row["labels"])[0]  # (N,)
     for s, (start, n) in enumerate(zip(row["seq_starts"].tolist(), row["seq_lens"].tolist())):
         assert packed[start : start + n].shape == ref[s, :n].shape
@@ -170,8 +171,8 @@ def test_packed_pairs_logps_and_last_tokens_equal_padded(model, tok, pair_items)
     assert row["seq_lens"].tolist() == padded["attention_mask"].sum(1).tolist()
     assert row["input_ids"].shape[1] == int(padded["attention_mask"].sum())  # no padding at all
 
-    out = model(row["input_ids"], attention_mask=row["attention_mask"], position_ids=row["position_ids"],
-                output_hidden_states=True)
+    # no cache: transformers finds packed sequences from position ids only without one
+    out = model(row["input_ids"], position_ids=row["position_ids"], use_cache=False, output_hidden_states=True)
     per_token = token_logps(out.logits, row["labels"])[0]  # (N,)
     seq_logps = torch.stack([per_token[s : s + n].sum() for s, n in zip(row["seq_starts"], row["seq_lens"])])
     torch.testing.assert_close(seq_logps, ref_logps, atol=1e-5, rtol=0)

@@ -6,10 +6,14 @@ label marks exactly the response tokens (EOS included). Every padded batch also 
 ``prompt_lengths`` (per sequence) for trainers that need the boundary.
 
 Packed rows put several sequences in one row ``(1, N)`` with no padding. Attention must not cross
-sequences, so the row comes with a block-diagonal causal ``attention_mask (1, 1, N, N)`` (bool,
-True = may attend) and ``position_ids`` restarting at 0 per sequence; transformers 5 (sdpa) takes
-both as they are: ``model(input_ids, attention_mask=mask, position_ids=position_ids)``. The label
-at each sequence start is -100, so no token learns to predict the next sequence's first token.
+sequences: the row carries ``position_ids`` restarting at 0 per sequence and NO attention mask,
+the way transformers trains on packed rows. Given ``position_ids`` and no mask, transformers
+finds the sequences from the restarts and builds the block-diagonal causal mask in the form its
+attention implementation takes (bool for sdpa, additive float for eager, ``cu_seqlens`` for
+flash-attention), sliding windows included; :func:`alignkit.models.masks.attention_inputs` builds
+it for the few families whose masks ignore position ids (OPT), and the batching check refuses the
+rest (docs/batching.md). No N×N mask is held. The label at each sequence start is -100, so no
+token learns to predict the next sequence's first token.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def collate_rated(items: Sequence[dict], pad_token_id: int) -> dict[str, torch.T
 
 
 def _pack(sequences: Sequence[list[int]], labels: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-    """Concatenate sequences into one row with a block-diagonal causal mask."""
+    """Concatenate sequences into one row; position ids restart at 0 at each sequence start."""
     lens = torch.tensor([len(s) for s in sequences], dtype=torch.long)  # (S,)
     starts = torch.cumsum(lens, 0) - lens  # (S,) offset of each sequence in the row
     N = int(lens.sum())
@@ -121,13 +125,10 @@ def _pack(sequences: Sequence[list[int]], labels: Sequence[list[int]]) -> dict[s
     row_labels = torch.tensor([t for s in labels for t in s], dtype=torch.long)  # (N,)
     row_labels[starts] = IGNORE_INDEX  # never learn to predict across a sequence boundary
     seq_id = torch.repeat_interleave(torch.arange(len(sequences)), lens)  # (N,)
-    position_ids = torch.arange(N) - starts[seq_id]  # (N,) 0.. within each sequence
-    causal = torch.ones((N, N), dtype=torch.bool).tril_()
-    mask = (seq_id[:, None] == seq_id[None, :]) & causal  # (N, N) query i may see key j
+    position_ids = torch.arange(N) - starts[seq_id]  # (N,) 0.. within each sequence: the boundaries
     return {
         "input_ids": input_ids[None],  # (1, N)
         "position_ids": position_ids[None],  # (1, N)
-        "attention_mask": mask[None, None],  # (1, 1, N, N) bool
         "labels": row_labels[None],  # (1, N)
         "seq_starts": starts,  # (S,)
         "seq_lens": lens,  # (S,)

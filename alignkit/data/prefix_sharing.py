@@ -16,7 +16,12 @@ the tokens, so this nearly halves the work of a DPO step. Two things make it exa
   its own sequence: ``0 … P−1 | P … P+C−1 | P … P+R−1``.
 
 With both, every response token sees exactly the context and positions it has in the separate
-computation, so its logits are the same up to float rounding (tested to 1e-5).
+computation, so its logits are the same up to float rounding (tested to 1e-5 on every family
+accepted, tests/test_conformance.py). The batch holds the mask as bool (True = may attend); it is
+the layout, not what the model is given: :func:`alignkit.models.masks.attention_inputs` turns it
+into the model's attention implementation's form (additive float for eager, which would ADD a
+bool mask, i.e. mask nothing) and applies the model's sliding windows (counted in position ids,
+per layer type where layers alternate). Flash-attention takes no such mask: refused there.
 
 Log-probs cannot come from the usual "position t predicts token t+1" shift, because the first
 rejected token is predicted by the LAST PROMPT TOKEN (row index P−1), not by the token before it

@@ -1,8 +1,10 @@
 """Forward passes that every trainer shares: per-token log-probs of a causal LM, and the scalar
 head's outputs (rewards at the last token, values at every token) of a reward/value model.
 
-They accept both padded batches (2-D ``attention_mask``) and packed padding-free rows (4-D
-block-diagonal mask plus ``position_ids``), so trainers don't care which one the collator made.
+They accept padded batches (2-D ``attention_mask``), packed padding-free rows (``position_ids``
+restarting per sequence, no mask) and prefix-shared rows (a 4-D bool layout), so trainers don't
+care which one the collator made: :func:`alignkit.models.masks.attention_inputs` turns the layout
+into what the model's attention implementation takes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 import torch
 from torch import Tensor
 
+from alignkit.models.masks import _pooled, attention_inputs
 from alignkit.ops import token_logps
 
 
@@ -20,18 +23,18 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def lm_forward(model, batch: dict):
+    """``model``'s output on a batch of any layout (padded, packed or prefix-shared)."""
+    return model(input_ids=batch["input_ids"], **attention_inputs(model, batch), use_cache=False)
+
+
 def forward_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
     """Per-token log π(y_t | y_<t) of the label tokens.
 
     Returns ``(logps, mask)``, both ``(B, T-1)``: position t scores token t+1; mask is 1 where a
     label exists (response tokens; -100 labels are prompt or padding).
     """
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
+    out = lm_forward(model, batch)
     labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
     logits = out.logits[:, :-1]  # (B, T-1, V)
     mask = labels != -100
@@ -57,29 +60,56 @@ class ScalarHead(torch.nn.Module):
     activation checkpointing: the recomputation would run the MLP on every position), when the
     MLP's linears are quantised (their scales depend on the rows they see), or when a position
     repeats (its MLP gradient would count twice).
+
+    An encoder (BERT, DeBERTa: a ``classifier`` on the pooled first token, no ``score`` head) has
+    one score per sequence, not one per position: its reward is its own classification forward
+    on padded rows, and ``per_token=True`` (a value model) refuses it.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, per_token: bool = False):
         super().__init__()
         self.model = model
+        self.pooled = _pooled(_unwrap(model))
+        """The model pools each whole sequence into one score (an encoder: BERT, DeBERTa read the
+        [CLS] token through a pooler and a ``classifier``): its reward is the model's own
+        classification forward, and it has no value per position."""
+        if per_token and self.pooled:
+            raise ValueError(f"{type(_unwrap(model)).__name__} is an encoder that scores whole sequences; a value "
+                             "model needs a value at every position, i.e. a causal decoder: use a decoder model")
         self.last_mlp_rows: int | None = None
         """Rows the last MLP computed in the latest forward when it skipped the others, else None
         (read by :class:`alignkit.train.flops.FlopCounter` to count only the FLOPs computed)."""
 
     def forward(self, input_ids: Tensor, attention_mask=None, position_ids=None, positions: Tensor | None = None) -> Tensor:
+        if self.pooled:
+            return self._sequence_scores(input_ids, attention_mask, position_ids, positions)
         backbone = scalar_head_backbone(self)
         if positions is not None:
             positions = positions.to(input_ids.device)
+        layout = attention_inputs(backbone, {"attention_mask": attention_mask, "position_ids": position_ids})
         with _last_mlp_only_at(backbone, positions) as skip:
             self.last_mlp_rows = None if skip.mlp is None else int(positions.numel())
-            hidden = backbone(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state  # (B, T, H)
+            hidden = backbone(input_ids=input_ids, **layout, use_cache=False).last_hidden_state  # (B, T, H)
         if positions is not None:
             hidden = hidden.flatten(0, 1)[positions]  # (N, H)
         # With peft the head is a `modules_to_save` wrapper at the same attribute, so this call
         # runs (and trains) the adapter's copy of the head.
         return _unwrap(self.model).score(hidden).squeeze(-1).float()  # (B, T), or (N,) with positions
+
+    def _sequence_scores(self, input_ids: Tensor, attention_mask, position_ids, positions) -> Tensor:
+        """An encoder's score of each padded row, ``(B,)``: exactly what its
+        ``*ForSequenceClassification`` forward returns (pooler and classifier included)."""
+        name = type(_unwrap(self.model)).__name__
+        if attention_mask is None or attention_mask.dim() != 2 or position_ids is not None:
+            raise ValueError(f"{name} is an encoder: every token sees the whole row, so sequences cannot be packed "
+                             "or share a prompt; it takes padded batches only (batching=padded)")
+        B, T = input_ids.shape
+        rows = torch.arange(B, device=input_ids.device)
+        if positions is None or not torch.equal(positions.to(input_ids.device).div(T, rounding_mode="floor"), rows):
+            raise ValueError(f"{name} is an encoder: it gives one score per sequence (its pooled first token), "
+                             "not a value at every position; read it with sequence_rewards")
+        self.last_mlp_rows = None
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # (B,)
 
 
 _QUANTISED = re.compile(r"8bit|4bit|fp8|quant|int8|int4", re.IGNORECASE)
@@ -157,7 +187,8 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 def sequence_rewards(head: torch.nn.Module, batch: dict, ends: Tensor | None = None) -> Tensor:
-    """Raw reward r(x, y): the scalar head at the last token of each sequence.
+    """Raw reward r(x, y): the scalar head at the last token of each sequence (an encoder: its
+    pooled score of the row, see :class:`ScalarHead`).
 
     For padded batches the last token comes from ``attention_mask``; for packed rows pass
     ``ends`` (flat indices into the ``(R·T)`` positions of each sequence's last token). Returns

@@ -12,6 +12,7 @@ import torch
 from alignkit.config import DataConfig
 from alignkit.data.collate import collate_pairs, pack_pairs
 from alignkit.data.prefix_sharing import collate_prefix_shared
+from alignkit.models.masks import batching_refusal
 
 
 def seed_everything(seed: int) -> None:
@@ -91,12 +92,13 @@ def resolve_pair_batching(batching: str, padding_free: bool) -> str:
     return batching
 
 
-def check_pair_batching(batching: str, model) -> None:
-    """Batchings other than padded need an attention that takes a 4-D mask (sdpa or eager)."""
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
-    if batching != "padded" and attention not in ("sdpa", "eager"):
-        raise ValueError(f"batching={batching} needs an attention implementation that takes a 4-D mask "
-                         f"(sdpa or eager); the model uses {attention!r}: use batching=padded")
+def check_batching(batching: str, model) -> None:
+    """Refuse, before training, a batching (padded, padding_free, prefix_shared) that ``model``'s
+    family and attention implementation cannot run exactly; the message names the one that works
+    (rules in :func:`alignkit.models.masks.batching_refusal`, docs/batching.md)."""
+    reason = batching_refusal(batching, model)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 def check_reference_choice(reference: str, lora: bool) -> None:

@@ -322,7 +322,7 @@ def run_critic(cfg: CriticConfig):
     from alignkit.data import tokenize_records
     from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
     from alignkit.rollout.critique import CritiqueReward
-    from alignkit.train.common import seed_everything
+    from alignkit.train.common import check_batching, seed_everything
     from alignkit.train.loop import Trainer
     from alignkit.train.sft import build_sft_task
 
@@ -351,6 +351,7 @@ def run_critic(cfg: CriticConfig):
     if cfg.run.padding_free and cfg.verdict_weight != 1.0:
         raise ValueError("critic: run.padding_free needs verdict_weight=1 (the verdict weights need padded batches)")
     if cfg.run.padding_free:
+        check_batching("padding_free", model)
         task = build_sft_task(train, evals, tokenizer.pad_token_id, padding_free=True)
         task.name = "critic"
     else:

@@ -37,11 +37,11 @@ from torch import Tensor
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.prefix_sharing import response_logps
 from alignkit.losses import PREFERENCE_LOSSES, preference_loss
-from alignkit.models.heads import forward_logps
+from alignkit.models.heads import forward_logps, lm_forward
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
 from alignkit.train.common import (
-    PAIR_COLLATES, check_pair_batching, check_reference_choice, prepare_data, resolve_pair_batching, seed_everything,
+    PAIR_COLLATES, check_batching, check_reference_choice, prepare_data, resolve_pair_batching, seed_everything,
 )
 from alignkit.train.loop import Task, Trainer, make_accelerator
 
@@ -121,9 +121,7 @@ def packed_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 def prefix_shared_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], use_cache=False)
-    return response_logps(out.logits, batch)  # (2B,), (2B,)
+    return response_logps(lm_forward(model, batch).logits, batch)  # (2B,), (2B,)
 
 
 @dataclass(frozen=True)
@@ -285,7 +283,7 @@ def build_dpo_task(cfg: DPOConfig, policy, train: list[dict], evals: list[dict],
     computed here, once, by ``policy`` (which is π_ref before training starts).
     """
     batching = BATCHINGS[cfg.batching_name()]
-    check_pair_batching(cfg.batching_name(), policy)
+    check_batching(cfg.batching_name(), policy)
     reference = make_reference(policy, cfg.reference, cfg.loss_type)
     if cfg.reference == "precomputed" and cfg.loss_type not in REFERENCE_FREE:
         train = precompute_reference_logps(policy, train, batching, pad_id, cfg.optim.batch_size, accelerator)

@@ -64,9 +64,11 @@ def attention_shape(model: torch.nn.Module) -> tuple[int, int]:
 def attention_pairs(batch: dict) -> int:
     """(query, key) pairs the batch's attention masks allow, summed over rows."""
     mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 4:  # packed / prefix-shared rows: the mask says it all
+    if mask is not None and mask.dim() == 4:  # prefix-shared rows: the mask says it all
         return int(mask.bool().sum())
-    if mask is not None:  # right-padded causal rows
+    if mask is None and "seq_lens" in batch:  # packed rows: causal within each sequence
+        lengths = batch["seq_lens"].long()
+    elif mask is not None:  # right-padded causal rows
         lengths = mask.sum(dim=1).long()
     else:
         lengths = torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])

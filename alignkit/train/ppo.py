@@ -132,7 +132,7 @@ class ActorCritic(torch.nn.Module):
 
 def separate_critic(cfg: PPOConfig, policy) -> torch.nn.Module:
     path = cfg.value_model_path or cfg.model.path
-    return ScalarHead(load_scalar_head_model(replace(cfg.model, path=path)))
+    return ScalarHead(load_scalar_head_model(replace(cfg.model, path=path)), per_token=True)
 
 
 def shared_value_head(cfg: PPOConfig, policy) -> torch.nn.Module:

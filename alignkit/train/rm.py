@@ -24,7 +24,7 @@ from alignkit.losses import pairwise_rm_loss, regression_rm_loss
 from alignkit.models.heads import ScalarHead, reward_calibration, sequence_rewards
 from alignkit.models.loading import load_scalar_head_model, load_tokenizer, save_model
 from alignkit.train.common import (
-    PAIR_COLLATES, check_pair_batching, prepare_data, resolve_pair_batching, seed_everything,
+    PAIR_COLLATES, check_batching, prepare_data, resolve_pair_batching, seed_everything,
 )
 from alignkit.train.loop import Task, Trainer
 
@@ -167,7 +167,7 @@ def run_rm(cfg: RMConfig):
     head = ScalarHead(load_scalar_head_model(cfg.model))
     if objective == "pairwise":
         batching = PAIR_COLLATES[cfg.batching_name()]
-        check_pair_batching(cfg.batching_name(), head.model)
+        check_batching(cfg.batching_name(), head.model)
         task = Task(
             items=data.train, collate=lambda b: batching(b, pad), loss=pairwise_batch_loss(cfg.use_margin),
             units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad),

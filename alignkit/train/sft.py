@@ -4,7 +4,8 @@
 
 The loss covers response tokens only (the prompt is context, not a target), averaged per token
 over the whole global batch. With ``run.padding_free`` the examples of a micro-batch are packed
-into one row with a block-diagonal causal mask, so no compute goes to padding.
+into one row (position ids restart per example; attention never crosses examples), so no compute
+goes to padding; a model that cannot be served exactly that way is refused (docs/batching.md).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.models.heads import forward_logps
 from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
-from alignkit.train.common import prepare_data, seed_everything
+from alignkit.train.common import check_batching, prepare_data, seed_everything
 from alignkit.train.loop import Task, Trainer
 
 
@@ -84,6 +85,7 @@ def run_sft(cfg: SFTConfig):
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("SFTExample",), name="sft")
     model = load_causal_lm(cfg.model)
+    check_batching("padding_free" if cfg.run.padding_free else "padded", model)
     task = build_sft_task(data.train, data.eval, tokenizer.pad_token_id, cfg.run.padding_free)
     trainer = Trainer(model, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
