@@ -297,7 +297,7 @@ def test_flash_attention_takes_packed_rows_but_not_prefix_sharing(attention):
             if FAMILIES[family].packs_by_position_ids:
                 check_batching("padding_free", model)  # position ids become cu_seqlens, as transformers packs
             else:  # OPT's masks ignore position ids
-                with pytest.raises(ValueError, match="use batching=padded, or model.attn_implementation=sdpa"):
+                with pytest.raises(ValueError, match="use batching=padded.*or load the model with model.attn_implementation"):
                     check_batching("padding_free", model)
     finally:
         for family in DECODERS:
@@ -323,3 +323,68 @@ def test_untested_attention_and_families_are_refused(tmp_path):
     for batching in ("padding_free", "prefix_shared"):
         with pytest.raises(ValueError, match="model_type 'starcoder2' is not one of them: use batching=padded"):
             check_batching(batching, other)
+
+
+# ---- every trainer refuses at start-up, before any training step --------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_tokenizer, tmp_path_factory):
+    """Saved tiny models with the test tokenizer: a family outside the table (starcoder2, with a
+    sliding window) and an encoder reward model (BERT)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    root = tmp_path_factory.mktemp("families")
+    ids = dict(pad_token_id=tiny_tokenizer.pad_token_id, eos_token_id=tiny_tokenizer.eos_token_id,
+               bos_token_id=tiny_tokenizer.bos_token_id)
+    shapes = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                  intermediate_size=48, **ids)
+    dirs = {}
+    for name, auto, extra in (("starcoder2", AutoModelForCausalLM, dict(num_key_value_heads=1, sliding_window=WINDOW)),
+                              ("bert", AutoModelForSequenceClassification, dict(num_labels=1))):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = auto.from_config(AutoConfig.for_model(name, **shapes, **extra))
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name])
+        tiny_tokenizer.save_pretrained(dirs[name])
+    return dirs
+
+
+def _cli(command: str, model_dir, data, out, *options) -> int:
+    from alignkit.cli import main
+
+    return main([command, f"model.path={model_dir}", f"data.path={data}", f"run.output_dir={out}",
+                 "run.progress=false", "optim.batch_size=4", *options])
+
+
+@pytest.mark.parametrize("command,option", [
+    ("sft", "run.padding_free=true"), ("critic", "run.padding_free=true"),
+    ("dpo", "batching=padding_free"), ("dpo", "batching=prefix_shared"),
+    ("rm", "batching=padding_free"), ("rm", "batching=prefix_shared"),
+])
+def test_trainers_refuse_an_unserved_batching_before_training(model_dirs, tmp_path, capsys, command, option):
+    from conftest import write_jsonl
+
+    rows = ([{"prompt": "What colour is item 3?", "completion": "Red."}] * 8 if command == "sft" else
+            [{"prompt": "What colour is item 3?", "chosen": "Red.", "rejected": "No."}] * 8)
+    if command == "critic":
+        rows = [{"prompt": "Is it red?", "response": "Yes.", "critique": "It answers.", "score": 4}] * 8
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    code = _cli(command, model_dirs["starcoder2"], data, tmp_path / "out", option)
+    err = capsys.readouterr().err
+    assert code == 1 and "model_type 'starcoder2' is not one of them" in err and "use batching=padded" in err, err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_an_encoder_reward_model_trains_padded_and_refuses_prefix_sharing(model_dirs, tmp_path, capsys):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl",
+                       [{"prompt": f"Item {i}?", "chosen": "Red, thank you.", "rejected": "No."} for i in range(8)])
+    assert _cli("rm", model_dirs["bert"], data, tmp_path / "bad", "batching=prefix_shared") == 1
+    assert "encoder" in capsys.readouterr().err
+    assert _cli("rm", model_dirs["bert"], data, tmp_path / "rm", "batching=padded", "optim.epochs=1") == 0
+    from transformers import AutoModelForSequenceClassification
+
+    assert type(AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")).__name__ == "BertForSequenceClassification"

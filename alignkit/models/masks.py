@@ -81,9 +81,17 @@ def _config(model):
     return getattr(unwrap(model), "config", None)
 
 
+#: How a refusal names the batching that works (SFT has no ``batching`` option, only run.padding_free).
+_USE = {"padded": "use batching=padded (SFT, critic: run.padding_free=false)",
+        "padding_free": "use batching=padding_free"}
+_OTHER_ATTENTION = "or load the model with model.attn_implementation=sdpa or eager"
+
+
 def batching_refusal(batching: str, model) -> str | None:
     """Why ``model`` cannot run ``batching`` (padded, padding_free, prefix_shared) exactly, naming
     the batching that works; None when it can."""
+    if batching not in ("padded", "padding_free", "prefix_shared"):
+        raise ValueError(f"batching must be padded, padding_free or prefix_shared; got {batching!r}")
     if batching == "padded":
         return None
     config = _config(model)
@@ -91,24 +99,24 @@ def batching_refusal(batching: str, model) -> str | None:
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
     family = FAMILIES.get(model_type)
     if family is None:
+        encoder = " (an encoder reads every sequence in both directions, so sequences cannot share a row)"
         return (f"batching={batching} is exact only on the decoder families tested for it "
                 f"({', '.join(sorted(FAMILIES))}); model_type {model_type!r} is not one of them"
-                + (" (an encoder reads every sequence in both directions, so sequences cannot share a row)"
-                   if _pooled(unwrap(model)) else "") + ": use batching=padded")
+                f"{encoder if _pooled(unwrap(model)) else ''}: {_USE['padded']}")
     if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
-        return f"batching={batching} needs causal attention; this {model_type} attends both ways: use batching=padded"
+        return f"batching={batching} needs causal attention; this {model_type} attends both ways: {_USE['padded']}"
     if attention in MASKED_ATTENTION:
         return None
     if batching == "padding_free" and attention in VARLEN_ATTENTION:
         if family.packs_by_position_ids:
             return None
-        return (f"batching=padding_free under {attention} needs a family whose masks follow position ids; "
-                f"{model_type} does not: use batching=padded, or model.attn_implementation=sdpa or eager")
+        return (f"batching=padding_free under {attention} needs masks that follow position ids, and "
+                f"{model_type}'s do not: {_USE['padded']}, {_OTHER_ATTENTION}")
     works = "padding_free" if attention in VARLEN_ATTENTION and family.packs_by_position_ids else "padded"
-    return (f"batching={batching} under attn_implementation={attention!r} cannot be expressed exactly "
-            + ("(flash-attention takes sequence boundaries, not a mask: a shared prompt cannot be expressed) "
-               if attention in VARLEN_ATTENTION else "(tested under sdpa and eager only) ")
-            + f"for {model_type}: use batching={works}, or model.attn_implementation=sdpa or eager")
+    why = ("flash-attention takes sequence boundaries, not a mask, and a shared prompt is not a boundary"
+           if attention in VARLEN_ATTENTION else "only sdpa and eager are tested with custom masks")
+    return (f"batching={batching} under attn_implementation={attention!r} cannot be served exactly for "
+            f"{model_type} ({why}): {_USE[works]}, {_OTHER_ATTENTION}")
 
 
 def _pooled(model) -> bool:
