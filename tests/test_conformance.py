@@ -323,6 +323,11 @@ def test_untested_attention_and_families_are_refused(tmp_path):
     for batching in ("padding_free", "prefix_shared"):
         with pytest.raises(ValueError, match="model_type 'starcoder2' is not one of them: use batching=padded"):
             check_batching(batching, other)
+        # a library caller that skips the check gets the same refusal from the forward helpers
+        with pytest.raises(ValueError, match="model_type 'starcoder2' is not one of them"):
+            BATCHINGS[batching].logps(other, PAIR_COLLATES[batching](PAIRS, PAD))
+        with pytest.raises(ValueError, match="model_type 'starcoder2' is not one of them"):
+            sft_batch_loss(other, build_sft_task(SFT_ITEMS, [], PAD, padding_free=True).collate(SFT_ITEMS))
 
 
 # ---- every trainer refuses at start-up, before any training step --------------------------------

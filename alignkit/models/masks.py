@@ -186,14 +186,20 @@ def explicit_masks(model, visible: Tensor, position_ids: Tensor):
 
 
 def attention_inputs(model, batch: dict) -> dict:
-    """``attention_mask`` and ``position_ids`` to call ``model`` with on ``batch`` (any layout)."""
+    """``attention_mask`` and ``position_ids`` to call ``model`` with on ``batch`` (any layout).
+
+    Raises the start-up check's error (:func:`batching_refusal`) if the layout is one the model
+    cannot be served exactly with, so a library caller that skipped the check gets no silent
+    difference either."""
     mask, position_ids = batch.get("attention_mask"), batch.get("position_ids")
-    if mask is not None and mask.dim() == 4:  # prefix-shared: the layout says who sees whom
+    layout = ("prefix_shared" if mask is not None and mask.dim() == 4
+              else "padding_free" if mask is None and position_ids is not None else "padded")
+    reason = batching_refusal(layout, model)
+    if reason is not None:
+        raise ValueError(reason)
+    if layout == "prefix_shared":  # the layout says who sees whom
         return {"attention_mask": explicit_masks(model, mask.bool(), position_ids), "position_ids": position_ids}
-    if mask is None and position_ids is not None:  # packed rows
-        config = _config(model)
-        family = FAMILIES.get(getattr(config, "model_type", None))
-        if family is not None and not family.packs_by_position_ids:
-            return {"attention_mask": explicit_masks(model, packed_visibility(position_ids), position_ids),
-                    "position_ids": position_ids}
+    if layout == "padding_free" and not FAMILIES[_config(model).model_type].packs_by_position_ids:
+        return {"attention_mask": explicit_masks(model, packed_visibility(position_ids), position_ids),
+                "position_ids": position_ids}
     return {"attention_mask": mask, "position_ids": position_ids}
