@@ -14,7 +14,7 @@ import re
 import torch
 from torch import Tensor
 
-from alignkit.models.masks import _pooled, attention_inputs
+from alignkit.models.masks import attention_inputs, pools_sequences
 from alignkit.ops import token_logps
 
 
@@ -69,7 +69,7 @@ class ScalarHead(torch.nn.Module):
     def __init__(self, model, per_token: bool = False):
         super().__init__()
         self.model = model
-        self.pooled = _pooled(_unwrap(model))
+        self.pooled = pools_sequences(_unwrap(model))
         """The model pools each whole sequence into one score (an encoder: BERT, DeBERTa read the
         [CLS] token through a pooler and a ``classifier``): its reward is the model's own
         classification forward, and it has no value per position."""

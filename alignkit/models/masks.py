@@ -102,7 +102,7 @@ def batching_refusal(batching: str, model) -> str | None:
         encoder = " (an encoder reads every sequence in both directions, so sequences cannot share a row)"
         return (f"batching={batching} is exact only on the decoder families tested for it "
                 f"({', '.join(sorted(FAMILIES))}); model_type {model_type!r} is not one of them"
-                f"{encoder if _pooled(unwrap(model)) else ''}: {_USE['padded']}")
+                f"{encoder if pools_sequences(unwrap(model)) else ''}: {_USE['padded']}")
     if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
         return f"batching={batching} needs causal attention; this {model_type} attends both ways: {_USE['padded']}"
     if attention in MASKED_ATTENTION:
@@ -119,7 +119,7 @@ def batching_refusal(batching: str, model) -> str | None:
             f"{model_type} ({why}): {_USE[works]}, {_OTHER_ATTENTION}")
 
 
-def _pooled(model) -> bool:
+def pools_sequences(model) -> bool:
     """A sequence classifier that pools the sequence (encoders: [CLS] → pooler → ``classifier``)
     rather than applying a ``score`` head at each position (decoders)."""
     return hasattr(model, "classifier") and not hasattr(model, "score")
@@ -163,19 +163,14 @@ def _build(attention: str, visible: Tensor, position_ids: Tensor | None, window:
     )
 
 
-def explicit_masks(model, visible: Tensor, position_ids: Tensor):
-    """The ``attention_mask`` argument that makes ``model`` attend as ``visible (R, 1, T, T)``
-    says, its sliding windows applied: one mask, or a mapping per layer type."""
+def _explicit_masks(model, visible: Tensor, position_ids: Tensor):
+    """The ``attention_mask`` argument that makes ``model`` (a family of the table, under sdpa or
+    eager: :func:`batching_refusal` checked it) attend as ``visible (R, 1, T, T)`` says, its
+    sliding windows applied: one mask, or a mapping per layer type."""
     base = unwrap(model)
     config = base.config
     attention = config._attn_implementation
-    if attention not in MASKED_ATTENTION:
-        raise ValueError(f"a prefix-shared or masked packed batch needs attn_implementation sdpa or eager, "
-                         f"not {attention!r} (check the batching with alignkit.train.common.check_batching)")
-    family = FAMILIES.get(config.model_type)
-    if family is None:
-        raise ValueError(f"no custom masks for model_type {config.model_type!r} (not among {', '.join(sorted(FAMILIES))}): "
-                         "use padded batches")
+    family = FAMILIES[config.model_type]
     window = getattr(config, "sliding_window", None)
     dtype = _mask_dtype(base)
     if family.windows == "by_layer_type":
@@ -198,8 +193,8 @@ def attention_inputs(model, batch: dict) -> dict:
     if reason is not None:
         raise ValueError(reason)
     if layout == "prefix_shared":  # the layout says who sees whom
-        return {"attention_mask": explicit_masks(model, mask.bool(), position_ids), "position_ids": position_ids}
+        return {"attention_mask": _explicit_masks(model, mask.bool(), position_ids), "position_ids": position_ids}
     if layout == "padding_free" and not FAMILIES[_config(model).model_type].packs_by_position_ids:
-        return {"attention_mask": explicit_masks(model, packed_visibility(position_ids), position_ids),
+        return {"attention_mask": _explicit_masks(model, packed_visibility(position_ids), position_ids),
                 "position_ids": position_ids}
     return {"attention_mask": mask, "position_ids": position_ids}
