@@ -4,15 +4,21 @@
 format     fields                                          becomes
 =========  ==============================================  ===================================
 pairwise   ``prompt``, ``chosen``, ``rejected`` [,          one :class:`PreferencePair`
-           ``margin``]; ``prompt`` may be omitted when
-           ``chosen``/``rejected`` are full conversations
+           ``margin``]; without ``prompt``: full
+           conversations (the prompt is what they share
+           before the replies) or plain strings (the
+           prompt is their longest common prefix, cut
+           back to whitespace so no word is split)
 hh         ``chosen``, ``rejected``: HH-RLHF transcripts   one :class:`PreferencePair`
            (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
 ranked     ``prompt``, ``responses`` (k strings) and       k(k-1)/2 :class:`PreferencePair`
            ``ranking`` or ``ranks``
 unpaired   ``prompt``, ``completion``, ``label``            one :class:`UnpairedExample`
 ratings    ``prompt``, ``response``, ``score``              one :class:`RatedExample`
+response   ``prompt``, ``response`` (no score)             one :class:`ResponseExample`
 sft        ``prompt``, ``completion``; or ``messages``      one :class:`SFTExample`
+text       ``text``                                        one :class:`TextExample`
+prompt     ``prompt`` alone                                one :class:`PromptExample`
 critique_  ``prompt``, ``response_a``, ``response_b``,      one :class:`CritiquePair`
 pair       ``critique``, ``verdict`` (``"A"``/``"B"``)
 critique_  ``prompt``, ``response``, ``critique``,          one :class:`CritiquePoint`
@@ -37,12 +43,24 @@ the location, the field and the expected type. Content problems are counted skip
 :class:`DataReport` (empty responses, identical chosen/rejected, empty prompts). Pairs whose two
 conversations do not share the prompt are skipped and listed in ``report.mismatched``;
 ``strict=True`` makes them (and malformed HH transcripts) errors instead.
+
+Mixed files: with the format detected (no ``format=``), each row's format is detected too. A row
+of another format is read as what it is when both formats give records the caller reads
+(``NormaliseOptions.kinds``; by default the same record type: HH rows and pairwise rows mix);
+otherwise it is an error naming the row, the first row and both formats. A row that reads as
+``prompt`` or ``response`` (formats whose fields are a subset of others') in a file of another
+format is read as the file's format, so the error names the missing field.
+
+Demonstrations from comparisons: with ``NormaliseOptions.chosen_as_sft`` each comparison row
+(pairwise, hh, ranked) becomes one :class:`SFTExample` of its chosen reply (a ranking's best
+non-empty reply), counted and skipped as the comparison would be.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -51,14 +69,18 @@ from alignkit.data.records import (
     CritiquePoint,
     Messages,
     PreferencePair,
+    PromptExample,
     RatedExample,
     Record,
+    ResponseExample,
     SFTExample,
+    TextExample,
     UnpairedExample,
 )
 from alignkit.data.report import (
     EMPTY_PROMPT,
     EMPTY_RESPONSE,
+    EMPTY_TEXT,
     IDENTICAL,
     MALFORMED_TRANSCRIPT,
     PREFIX_MISMATCH,
@@ -119,6 +141,15 @@ class NormaliseOptions:
     strict: bool = False
     next_group: int = 0
     """Next ranking-group id; advanced as groups are made so ids stay unique across calls."""
+    detect_each_row: bool = False
+    """Detect every row's format (the file's format was detected, not given): see the module doc."""
+    kinds: tuple[type, ...] = ()
+    """Record types the caller reads: rows whose formats give any of these may mix in one file
+    (empty: only rows giving the first row's record type)."""
+    first: str = ""
+    """Location of the file's first row, named when a later row is of an incompatible format."""
+    chosen_as_sft: bool = False
+    """Read comparisons as demonstrations of their chosen reply (see the module doc)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +284,12 @@ def _looks_like_hh(text: str) -> bool:
     return text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
 
 
+def _hh_like(text: str) -> bool:
+    """Has a Human turn: an HH-RLHF transcript, if perhaps a malformed one (which is a counted
+    skip, while text with no turn at all is another format)."""
+    return text.lstrip().startswith("Human:") or "\n\nHuman:" in text
+
+
 def parse_hh_transcript(text: str) -> Messages:
     """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[user a, assistant b]``.
 
@@ -319,25 +356,53 @@ _RESPONSE = "a string or a list of chat messages"
 _PROMPT = "a string or a list of chat messages"
 
 
-def _pairwise(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+def _pairwise_split(row: dict, loc: str) -> tuple[Messages, str, str]:
+    """``(prompt, chosen, rejected)`` of a pairwise row, the prompt given or implicit."""
     chosen = _get(row, "chosen", _RESPONSE, loc, "pairwise")
     rejected = _get(row, "rejected", _RESPONSE, loc, "pairwise")
-    margin = _margin(row.get("margin"), loc, opt.margin_labels)
     if row.get("prompt") is not None:
         prompt = _prompt(row["prompt"], loc)
-        c = _reply_to(prompt, chosen, "chosen", loc)
-        r = _reply_to(prompt, rejected, "rejected", loc)
-    else:  # full conversations: the prompt is what they share before the final replies
-        before_c, c = _reply(chosen, "chosen", loc)
-        before_r, r = _reply(rejected, "rejected", loc)
-        if before_c is None or before_r is None:
-            raise DataError(
-                f"{loc}: missing field 'prompt' (expected {_PROMPT}) for format 'pairwise'; "
-                "without it 'chosen' and 'rejected' must be full conversations"
-            )
-        if before_c != before_r:
-            raise _Skip(PREFIX_MISMATCH, _difference(before_c, before_r))
-        prompt = _prompt(before_c, loc, "chosen")
+        return prompt, _reply_to(prompt, chosen, "chosen", loc), _reply_to(prompt, rejected, "rejected", loc)
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return implicit_prompt(chosen, rejected, loc)
+    # Full conversations: the prompt is what they share before the final replies.
+    before_c, c = _reply(chosen, "chosen", loc)
+    before_r, r = _reply(rejected, "rejected", loc)
+    if before_c is None or before_r is None:
+        raise DataError(
+            f"{loc}: missing field 'prompt' (expected {_PROMPT}) for format 'pairwise'; "
+            "without it 'chosen' and 'rejected' must both be full conversations, or both "
+            "plain strings that start with the prompt"
+        )
+    if before_c != before_r:
+        raise _Skip(PREFIX_MISMATCH, _difference(before_c, before_r))
+    return _prompt(before_c, loc, "chosen"), c, r
+
+
+def implicit_prompt(chosen: str, rejected: str, loc: str = "") -> tuple[Messages, str, str]:
+    """Split two plain texts that start with the same prompt into ``(prompt, chosen, rejected)``.
+
+    The prompt is their longest common prefix (as TRL's ``extract_prompt``), cut back to the last
+    whitespace in it so that a word the two replies begin alike ("Four" / "Five") stays whole in
+    both replies; like any prompt string it may be an HH-style transcript. Two texts that share
+    no whole word are skipped as ``prefix_mismatch``.
+    """
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = len(shared)
+    while cut > 0 and not shared[cut - 1].isspace():  # never split the replies' first word
+        cut -= 1
+    if not shared[:cut].strip():
+        raise _Skip(
+            PREFIX_MISMATCH,
+            "'chosen' and 'rejected' are plain strings with no 'prompt' field, so the prompt is "
+            "their shared beginning, but they share no whole word; give a 'prompt' field",
+        )
+    return _prompt(shared[:cut], loc, "chosen"), chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def _pairwise(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    prompt, c, r = _pairwise_split(row, loc)
+    margin = _margin(row.get("margin"), loc, opt.margin_labels)
     return [_pair(prompt, c, r, margin, loc)]
 
 
@@ -348,13 +413,24 @@ def _pair(prompt: Messages, chosen: str, rejected: str, margin: float, loc: str)
     return PreferencePair(prompt, chosen, rejected, margin=margin, source=loc)
 
 
-def _hh(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+def _hh_split(row: dict, loc: str) -> tuple[Messages, str, str]:
     chosen = _get(row, "chosen", "an HH-RLHF transcript string", loc, "hh")
     rejected = _get(row, "rejected", "an HH-RLHF transcript string", loc, "hh")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str):
             raise _wrong_type(loc, name, "an HH-RLHF transcript string", value)
-    prompt, c, r = split_hh_pair(chosen, rejected, loc)
+        if not _hh_like(value):  # another format's row, not a damaged transcript: never a skip
+            raise DataError(
+                f"{loc}: field '{name}' is not an HH-RLHF transcript (no 'Human:' turn), but "
+                f"format 'hh' reads every row as one; the row has fields {sorted(row)}. Leave "
+                "the format to be detected (rows of pairwise and hh formats may mix), or fix "
+                "the row"
+            )
+    return split_hh_pair(chosen, rejected, loc)
+
+
+def _hh(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    prompt, c, r = _hh_split(row, loc)
     margin = _margin(row.get("margin"), loc, opt.margin_labels)
     return [_pair(prompt, c, r, margin, loc)]
 
@@ -441,6 +517,12 @@ def _ratings(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
 
 
 def _sft(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    if row.get("messages") is None and _present(row, "chosen") and _present(row, "rejected"):
+        raise DataError(
+            f"{loc}: format 'sft' needs 'prompt' and 'completion' (or 'messages'), but the row "
+            f"has fields {sorted(row)}: it is a comparison. Leave data.format=auto: `alignkit "
+            "sft` then trains on the chosen reply of each comparison"
+        )
     if row.get("messages") is not None:
         before, completion = _reply(row["messages"], "messages", loc)
         if before is None:
@@ -493,25 +575,70 @@ def _critique_text(row: dict, loc: str, fmt: str) -> str:
     return critique.strip()
 
 
+def _sft_prompt(row: dict, loc: str) -> Messages:
+    if row.get("messages") is not None:
+        before, _ = _reply(row["messages"], "messages", loc)
+        if before is None:
+            raise _wrong_type(loc, "messages", "a list of chat messages", row["messages"])
+        return _prompt(before, loc, "messages")
+    return _field_prompt(row, loc)
+
+
+def _text(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    text = _get(row, "text", "a string", loc, "text")
+    if not isinstance(text, str):
+        raise _wrong_type(loc, "text", "a string", text)
+    if not text.strip():
+        raise _Skip(EMPTY_TEXT)
+    return [TextExample(text, source=loc)]  # as written: whitespace can be part of a document
+
+
+def _prompt_only(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    return [PromptExample(_field_prompt(row, loc), source=loc)]
+
+
+def _response(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    prompt = _prompt(_get(row, "prompt", _PROMPT, loc, "response"), loc)
+    response = _reply_to(prompt, _get(row, "response", _RESPONSE, loc, "response"), "response", loc)
+    _nonempty(response)
+    return [ResponseExample(prompt, response, source=loc)]
+
+
+def _field_prompt(row: dict, loc: str) -> Messages:
+    return _prompt(_get(row, "prompt", _PROMPT, loc, "prompt"), loc)
+
+
 @dataclass(frozen=True)
 class Format:
-    """One input format: its fields (shown in error messages) and its normaliser."""
+    """One input format: its fields (shown in error messages), its normaliser, the record type it
+    gives, and how to read just its prompt (None: the format has no prompt)."""
 
     fields: str
     normalise: Callable[[dict, str, NormaliseOptions], list[Record | _SkipRecord]]
+    kind: type
+    prompt: Callable[[dict, str], Messages] | None = _field_prompt
 
 
 #: Every format by name, in the order :func:`detect_format` considers them.
 FORMATS: dict[str, Format] = {
-    "ranked": Format("prompt, responses, ranking|ranks", _ranked),
-    "pairwise": Format("prompt, chosen, rejected [, margin]", _pairwise),
-    "hh": Format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh),
-    "unpaired": Format("prompt, completion, label", _unpaired),
-    "critique_pair": Format("prompt, response_a, response_b, critique, verdict", _critique_pair),
-    "critique_point": Format("prompt, response, critique, score", _critique_point),
-    "ratings": Format("prompt, response, score", _ratings),
-    "sft": Format("prompt, completion | messages", _sft),
+    "ranked": Format("prompt, responses, ranking|ranks", _ranked, PreferencePair),
+    "pairwise": Format("prompt, chosen, rejected [, margin]", _pairwise, PreferencePair,
+                       lambda row, loc: _pairwise_split(row, loc)[0]),
+    "hh": Format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh, PreferencePair,
+                 lambda row, loc: _hh_split(row, loc)[0]),
+    "unpaired": Format("prompt, completion, label", _unpaired, UnpairedExample),
+    "critique_pair": Format("prompt, response_a, response_b, critique, verdict", _critique_pair, CritiquePair),
+    "critique_point": Format("prompt, response, critique, score", _critique_point, CritiquePoint),
+    "ratings": Format("prompt, response, score", _ratings, RatedExample),
+    "response": Format("prompt, response (no score)", _response, ResponseExample),
+    "sft": Format("prompt, completion | messages", _sft, SFTExample, _sft_prompt),
+    "text": Format("text", _text, TextExample, None),
+    "prompt": Format("prompt", _prompt_only, PromptExample),
 }
+
+#: Formats whose fields are a subset of other formats': in a file of another format, a row that
+#: reads as one of these is read as the file's format, so that the missing field gets named.
+_SUBSET_FORMATS = ("prompt", "response")
 
 
 def _present(row: dict, name: str) -> bool:
@@ -519,15 +646,14 @@ def _present(row: dict, name: str) -> bool:
 
 
 def detect_format(row: dict, loc: str = "the first row") -> str:
-    """Name the format of ``row`` from its fields (the first row decides for a whole file)."""
+    """Name the format of ``row`` from its fields (see the module doc for mixed files)."""
     has = lambda *names: all(_present(row, n) for n in names)  # noqa: E731
     if has("responses") and (has("ranking") or has("ranks")):
         return "ranked"
     if has("chosen", "rejected"):
         if has("prompt") or not isinstance(row["chosen"], str):
             return "pairwise"
-        if _looks_like_hh(row["chosen"]):
-            return "hh"
+        return "hh" if _hh_like(row["chosen"]) or _hh_like(str(row["rejected"])) else "pairwise"
     if has("completion", "label"):
         return "unpaired"
     if has("response_a", "response_b"):
@@ -538,11 +664,58 @@ def detect_format(row: dict, loc: str = "the first row") -> str:
         return "ratings"
     if has("messages") or has("prompt", "completion"):
         return "sft"
+    if has("prompt", "response"):
+        return "response"
+    if has("text") and not has("prompt"):
+        return "text"
+    if has("prompt"):
+        return "prompt"
     formats = "; ".join(f"{name}: {f.fields}" for name, f in FORMATS.items())
     raise DataError(
         f"{loc}: cannot tell the data format from the fields {sorted(row)}. Known formats and "
         f"their fields: {formats}. Rename the fields or pass format= explicitly"
     )
+
+
+def record_kind(format: str, options: NormaliseOptions | None = None) -> type:
+    """The record type rows of ``format`` become (comparisons become demonstrations with
+    ``chosen_as_sft``)."""
+    kind = FORMATS[format].kind
+    if options is not None and options.chosen_as_sft and kind is PreferencePair:
+        return SFTExample
+    return kind
+
+
+def _row_format(row: dict, loc: str, file_format: str, opt: NormaliseOptions) -> str:
+    """The format to read ``row`` as, in a file whose first row is ``file_format``."""
+    try:
+        fmt = detect_format(row, loc)
+    except DataError:
+        return file_format  # its normaliser names the missing field
+    if fmt == file_format:
+        return fmt
+    kind, file_kind = record_kind(fmt, opt), record_kind(file_format, opt)
+    if kind is file_kind or (kind in opt.kinds and file_kind in opt.kinds):
+        return fmt
+    if fmt in _SUBSET_FORMATS:
+        return file_format
+    raise DataError(
+        f"{loc}: this row is in format '{fmt}' ({FORMATS[fmt].fields}; the row has fields "
+        f"{sorted(row)}), but the file's first row ({opt.first or 'the first row'}) is in format "
+        f"'{file_format}' ({FORMATS[file_format].fields}), and the two give different records "
+        f"({kind.__name__} vs {file_kind.__name__}). Keep one kind of record per file (split "
+        "the file by format), or fix this row"
+    )
+
+
+def _chosen_reply(produced: list[Record | _SkipRecord], loc: str) -> list[Record | _SkipRecord]:
+    """A comparison row's records as one demonstration of its chosen reply. A ranking's pairs come
+    best first, so the first kept pair's chosen reply is its best non-empty reply; a row with no
+    kept pair keeps its skips."""
+    pairs = [r for r in produced if isinstance(r, PreferencePair)]
+    if not pairs:
+        return produced
+    return [SFTExample(pairs[0].prompt, pairs[0].chosen, source=loc)]
 
 
 def normalise_rows(
@@ -551,19 +724,26 @@ def normalise_rows(
     report: DataReport,
     options: NormaliseOptions | None = None,
 ) -> list[Record]:
-    """Turn ``(location, row)`` pairs into records, counting skips in ``report``."""
+    """Turn ``(location, row)`` pairs into records, counting skips in ``report``.
+
+    ``format`` is the file's format; with ``options.detect_each_row`` each row is read as the
+    format it is in, where that is compatible (see the module doc).
+    """
     if format not in FORMATS:
         raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
     opt = options or NormaliseOptions()
-    normalise = FORMATS[format].normalise
     records: list[Record] = []
     for loc, row in rows:
+        fmt = _row_format(row, loc, format, opt) if opt.detect_each_row else format
+        report.formats[fmt] = report.formats.get(fmt, 0) + 1
         try:
-            produced = normalise(row, loc, opt)
+            produced = FORMATS[fmt].normalise(row, loc, opt)
         except _Skip as s:
             produced = [_SkipRecord(s.reason, loc)]
             if opt.strict and s.reason in STRUCTURAL:
                 raise DataError(f"{loc}: {s.reason}: {s} (strict=True)") from None
+        if opt.chosen_as_sft and FORMATS[fmt].kind is PreferencePair:
+            produced = _chosen_reply(produced, loc)
         for rec in produced:
             if isinstance(rec, _SkipRecord):
                 if opt.strict and rec.reason in STRUCTURAL:
@@ -573,3 +753,27 @@ def normalise_rows(
                 records.append(rec)
     report.kept += len(records)
     return records
+
+
+def normalise_prompt(
+    row: dict, loc: str, format: str, report: DataReport, options: NormaliseOptions
+) -> Messages | None:
+    """Just the prompt of one row in a file of ``format`` (any format with a prompt: the replies
+    are neither needed nor checked), or None when the row is skipped (counted in ``report``)."""
+    fmt = _row_format(row, loc, format, options) if options.detect_each_row else format
+    report.formats[fmt] = report.formats.get(fmt, 0) + 1
+    read = FORMATS[fmt].prompt
+    if read is None:
+        with_prompt = ", ".join(name for name, f in FORMATS.items() if f.prompt is not None)
+        raise DataError(
+            f"{loc}: a row of format '{fmt}' (fields {sorted(row)}) has no prompt to sample "
+            f"from; give rows with a 'prompt' field ({{\"prompt\": \"...\"}} or chat messages), "
+            f"or of any format with a prompt: {with_prompt}"
+        )
+    try:
+        return read(row, loc)
+    except _Skip as s:
+        if options.strict and s.reason in STRUCTURAL:
+            raise DataError(f"{loc}: {s.reason}: {s} (strict=True)") from None
+        report.skip(s.reason, loc)
+        return None
