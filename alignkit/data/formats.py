@@ -47,9 +47,9 @@ conversations do not share the prompt are skipped and listed in ``report.mismatc
 Mixed files: with the format detected (no ``format=``), each row's format is detected too. A row
 of another format is read as what it is when both formats give records the caller reads
 (``NormaliseOptions.kinds``; by default the same record type: HH rows and pairwise rows mix);
-otherwise it is an error naming the row, the first row and both formats. A row that reads as
-``prompt`` or ``response`` (formats whose fields are a subset of others') in a file of another
-format is read as the file's format, so the error names the missing field.
+otherwise it is an error naming the row, the first row and both formats. A row whose fields are
+all fields of the file's format (a ratings row without its score reads as format ``response``) is
+read as the file's format, so that the error names the missing field.
 
 Demonstrations from comparisons: with ``NormaliseOptions.chosen_as_sft`` each comparison row
 (pairwise, hh, ranked) becomes one :class:`SFTExample` of its chosen reply (a ranking's best
@@ -616,29 +616,34 @@ class Format:
     fields: str
     normalise: Callable[[dict, str, NormaliseOptions], list[Record | _SkipRecord]]
     kind: type
+    names: frozenset[str]
+    """Every field the format reads."""
     prompt: Callable[[dict, str], Messages] | None = _field_prompt
+
+
+def _format(fields, normalise, kind, names: str, prompt=_field_prompt) -> Format:
+    return Format(fields, normalise, kind, frozenset(names.split()), prompt)
 
 
 #: Every format by name, in the order :func:`detect_format` considers them.
 FORMATS: dict[str, Format] = {
-    "ranked": Format("prompt, responses, ranking|ranks", _ranked, PreferencePair),
-    "pairwise": Format("prompt, chosen, rejected [, margin]", _pairwise, PreferencePair,
-                       lambda row, loc: _pairwise_split(row, loc)[0]),
-    "hh": Format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh, PreferencePair,
-                 lambda row, loc: _hh_split(row, loc)[0]),
-    "unpaired": Format("prompt, completion, label", _unpaired, UnpairedExample),
-    "critique_pair": Format("prompt, response_a, response_b, critique, verdict", _critique_pair, CritiquePair),
-    "critique_point": Format("prompt, response, critique, score", _critique_point, CritiquePoint),
-    "ratings": Format("prompt, response, score", _ratings, RatedExample),
-    "response": Format("prompt, response (no score)", _response, ResponseExample),
-    "sft": Format("prompt, completion | messages", _sft, SFTExample, _sft_prompt),
-    "text": Format("text", _text, TextExample, None),
-    "prompt": Format("prompt", _prompt_only, PromptExample),
+    "ranked": _format("prompt, responses, ranking|ranks", _ranked, PreferencePair,
+                      "prompt responses ranking ranks"),
+    "pairwise": _format("prompt, chosen, rejected [, margin]", _pairwise, PreferencePair,
+                        "prompt chosen rejected margin", lambda row, loc: _pairwise_split(row, loc)[0]),
+    "hh": _format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh, PreferencePair,
+                  "chosen rejected margin", lambda row, loc: _hh_split(row, loc)[0]),
+    "unpaired": _format("prompt, completion, label", _unpaired, UnpairedExample, "prompt completion label"),
+    "critique_pair": _format("prompt, response_a, response_b, critique, verdict", _critique_pair, CritiquePair,
+                             "prompt response_a response_b critique verdict"),
+    "critique_point": _format("prompt, response, critique, score", _critique_point, CritiquePoint,
+                              "prompt response critique score"),
+    "ratings": _format("prompt, response, score", _ratings, RatedExample, "prompt response score"),
+    "response": _format("prompt, response (no score)", _response, ResponseExample, "prompt response"),
+    "sft": _format("prompt, completion | messages", _sft, SFTExample, "prompt completion messages", _sft_prompt),
+    "text": _format("text", _text, TextExample, "text", None),
+    "prompt": _format("prompt", _prompt_only, PromptExample, "prompt"),
 }
-
-#: Formats whose fields are a subset of other formats': in a file of another format, a row that
-#: reads as one of these is read as the file's format, so that the missing field gets named.
-_SUBSET_FORMATS = ("prompt", "response")
 
 
 def _present(row: dict, name: str) -> bool:
@@ -697,8 +702,8 @@ def _row_format(row: dict, loc: str, file_format: str, opt: NormaliseOptions) ->
     kind, file_kind = record_kind(fmt, opt), record_kind(file_format, opt)
     if kind is file_kind or (kind in opt.kinds and file_kind in opt.kinds):
         return fmt
-    if fmt in _SUBSET_FORMATS:
-        return file_format
+    if {n for n in FORMATS[fmt].names if _present(row, n)} <= FORMATS[file_format].names:
+        return file_format  # a row of the file's format missing a field: its normaliser names it
     raise DataError(
         f"{loc}: this row is in format '{fmt}' ({FORMATS[fmt].fields}; the row has fields "
         f"{sorted(row)}), but the file's first row ({opt.first or 'the first row'}) is in format "
