@@ -34,6 +34,7 @@ from alignkit.data.formats import (
     implicit_prompt,
     normalise_rows,
     parse_hh_transcript,
+    read_source,
     record_kind,
 )
 from alignkit.data.prompts import read_prompts
@@ -103,14 +104,7 @@ def load_dataset_records(
         chosen_as_sft: read comparisons (pairwise, hh, ranked) as demonstrations
             (:class:`SFTExample`) of their chosen reply; a ranking gives its best reply.
     """
-    if format is not None and format not in FORMATS:
-        raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
-    report = DataReport(source=str(path))
-    rows = list(read_rows(path, split=split, limit=limit))
-    if not rows:
-        raise DataError(f"{path}: no rows to read")
-    report.read = len(rows)
-    report.format = format or detect_format(rows[0][1], rows[0][0])
+    rows, report = read_source(path, format, split, limit)
     train_rows, eval_rows = split_rows(rows, shuffle, seed, eval_fraction, eval_size)
     labels = DEFAULT_MARGIN_LABELS if margin_labels is None else margin_labels
     options = NormaliseOptions(

@@ -64,6 +64,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from alignkit.data.readers import read_rows
 from alignkit.data.records import (
     CritiquePair,
     CritiquePoint,
@@ -680,6 +681,22 @@ def detect_format(row: dict, loc: str = "the first row") -> str:
         f"{loc}: cannot tell the data format from the fields {sorted(row)}. Known formats and "
         f"their fields: {formats}. Rename the fields or pass format= explicitly"
     )
+
+
+def read_source(
+    path, format: str | None = None, split: str = "train", limit: int | None = None
+) -> tuple[list[tuple[str, dict]], DataReport]:
+    """Every ``(location, row)`` of ``path`` and a report holding the count and the file's format
+    (``format``, or the first row's detected one)."""
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
+    report = DataReport(source=str(path))
+    rows = list(read_rows(path, split=split, limit=limit))
+    if not rows:
+        raise DataError(f"{path}: no rows to read")
+    report.read = len(rows)
+    report.format = format or detect_format(rows[0][1], rows[0][0])
+    return rows, report
 
 
 def record_kind(format: str, options: NormaliseOptions | None = None) -> type:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignkit.data.formats import FORMATS, NormaliseOptions, detect_format, normalise_prompt
-from alignkit.data.readers import read_rows
+from alignkit.data.formats import FORMATS, NormaliseOptions, normalise_prompt, read_source
 from alignkit.data.records import Messages
 from alignkit.data.report import DUPLICATE_PROMPT, DataError, DataReport
 from alignkit.data.tokenize import encode_prompt
@@ -41,14 +40,7 @@ def read_prompts(
     kept prompt is tokenised as generation will see it and counted in ``report.truncated`` when
     longer.
     """
-    if format is not None and format not in FORMATS:
-        raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
-    report = DataReport(source=str(path))
-    rows = list(read_rows(path, split=split, limit=limit))
-    if not rows:
-        raise DataError(f"{path}: no rows to read")
-    report.read = len(rows)
-    report.format = format or detect_format(rows[0][1], rows[0][0])
+    rows, report = read_source(path, format, split, limit)
     options = NormaliseOptions(
         strict=strict,
         detect_each_row=format is None,
