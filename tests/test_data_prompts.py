@@ -95,3 +95,13 @@ def test_grpo_cli_on_a_prompt_only_file(tiny_dir, tmp_path, capsys):
                  f"run.output_dir={tmp_path / 'out'}", "run.progress=false", "run.report_to=jsonl"])
     out = capsys.readouterr().out
     assert code == 0 and "4 distinct prompts" in out and "empty_prompt: 1" in out
+
+
+def test_a_null_prompt_in_the_first_row_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": None}, {"prompt": "q"}])
+    with pytest.raises(DataError, match=r"p\.jsonl:1: cannot tell the data format from the fields \['prompt'\] "
+                                        r"\(empty or null: \['prompt'\], which count as missing\)"):
+        read_prompts(path)
+    later = write_jsonl(tmp_path / "l.jsonl", [{"prompt": "q"}, {"prompt": None}])
+    with pytest.raises(DataError, match=r"l\.jsonl:2: missing field 'prompt'"):
+        read_prompts(later)

@@ -209,3 +209,11 @@ def test_score_without_a_score_column(tiny_dir, tmp_path):
     expected = RewardModel(str(rm))([[USER(r["prompt"])] for r in rows], [r["response"] for r in rows]).tolist()
     assert [s["score"] for s in scored] == pytest.approx(expected, abs=1e-5)
     assert [s["label"] for s in scored] == [None, 3.0]
+
+
+@pytest.mark.parametrize("score", [1e39, -1e39, 10**400, "1e39"])
+def test_numbers_beyond_float32_are_errors_not_infinite_losses(tmp_path, score):
+    with pytest.raises(DataError, match=r"data\.jsonl:1: field 'score' must be a finite number within float32's range"):
+        load(tmp_path, [{"prompt": "q", "response": "r", "score": score}])
+    train, _, _ = load(tmp_path, [{"prompt": "q", "response": "r", "score": 3.0e38}])
+    assert train[0].score == 3.0e38
