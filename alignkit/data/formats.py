@@ -59,8 +59,8 @@ non-empty reply), counted and skipped as the comparison would be.
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -178,18 +178,21 @@ def _wrong_type(loc: str, name: str, expected: str, value) -> DataError:
 def _number(value, name: str, loc: str) -> float:
     if isinstance(value, bool):
         raise _wrong_type(loc, name, "a number", value)
-    if isinstance(value, (int, float)):
-        x = float(value)
-    elif isinstance(value, str):
-        try:
-            x = float(value)
-        except ValueError:
-            raise _wrong_type(loc, name, "a number", value) from None
-    else:
+    if not isinstance(value, (int, float, str)):
         raise _wrong_type(loc, name, "a number", value)
-    if not math.isfinite(x):
-        raise _wrong_type(loc, name, "a finite number", value)
+    try:
+        x = float(value)
+    except ValueError:
+        raise _wrong_type(loc, name, "a number", value) from None
+    except OverflowError:  # an integer beyond any float
+        x = math.inf
+    if not math.isfinite(x) or abs(x) > _FLOAT32_MAX:
+        raise _wrong_type(loc, name, "a finite number within float32's range (|x| <= 3.4e38: the "
+                          "losses compute in float32; rescale the values)", value)
     return x
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _messages(value, name: str, loc: str) -> Messages:
@@ -363,7 +366,8 @@ def _pairwise_split(row: dict, loc: str) -> tuple[Messages, str, str]:
     rejected = _get(row, "rejected", _RESPONSE, loc, "pairwise")
     if row.get("prompt") is not None:
         prompt = _prompt(row["prompt"], loc)
-        return prompt, _reply_to(prompt, chosen, "chosen", loc), _reply_to(prompt, rejected, "rejected", loc)
+        c = _reply_to(prompt, chosen, "chosen", loc)
+        return prompt, c, _reply_to(prompt, rejected, "rejected", loc)
     if isinstance(chosen, str) and isinstance(rejected, str):
         return implicit_prompt(chosen, rejected, loc)
     # Full conversations: the prompt is what they share before the final replies.
@@ -628,20 +632,36 @@ def _format(fields, normalise, kind, names: str, prompt=_field_prompt) -> Format
 
 #: Every format by name, in the order :func:`detect_format` considers them.
 FORMATS: dict[str, Format] = {
-    "ranked": _format("prompt, responses, ranking|ranks", _ranked, PreferencePair,
-                      "prompt responses ranking ranks"),
-    "pairwise": _format("prompt, chosen, rejected [, margin]", _pairwise, PreferencePair,
-                        "prompt chosen rejected margin", lambda row, loc: _pairwise_split(row, loc)[0]),
-    "hh": _format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh, PreferencePair,
-                  "chosen rejected margin", lambda row, loc: _hh_split(row, loc)[0]),
-    "unpaired": _format("prompt, completion, label", _unpaired, UnpairedExample, "prompt completion label"),
-    "critique_pair": _format("prompt, response_a, response_b, critique, verdict", _critique_pair, CritiquePair,
-                             "prompt response_a response_b critique verdict"),
-    "critique_point": _format("prompt, response, critique, score", _critique_point, CritiquePoint,
-                              "prompt response critique score"),
+    "ranked": _format(
+        "prompt, responses, ranking|ranks", _ranked, PreferencePair,
+        "prompt responses ranking ranks",
+    ),
+    "pairwise": _format(
+        "prompt, chosen, rejected [, margin]", _pairwise, PreferencePair,
+        "prompt chosen rejected margin", lambda row, loc: _pairwise_split(row, loc)[0],
+    ),
+    "hh": _format(
+        "chosen, rejected as HH-RLHF transcripts [, margin]", _hh, PreferencePair,
+        "chosen rejected margin", lambda row, loc: _hh_split(row, loc)[0],
+    ),
+    "unpaired": _format(
+        "prompt, completion, label", _unpaired, UnpairedExample, "prompt completion label"
+    ),
+    "critique_pair": _format(
+        "prompt, response_a, response_b, critique, verdict", _critique_pair, CritiquePair,
+        "prompt response_a response_b critique verdict",
+    ),
+    "critique_point": _format(
+        "prompt, response, critique, score", _critique_point, CritiquePoint,
+        "prompt response critique score",
+    ),
     "ratings": _format("prompt, response, score", _ratings, RatedExample, "prompt response score"),
-    "response": _format("prompt, response (no score)", _response, ResponseExample, "prompt response"),
-    "sft": _format("prompt, completion | messages", _sft, SFTExample, "prompt completion messages", _sft_prompt),
+    "response": _format(
+        "prompt, response (no score)", _response, ResponseExample, "prompt response"
+    ),
+    "sft": _format(
+        "prompt, completion | messages", _sft, SFTExample, "prompt completion messages", _sft_prompt
+    ),
     "text": _format("text", _text, TextExample, "text", None),
     "prompt": _format("prompt", _prompt_only, PromptExample, "prompt"),
 }
@@ -677,9 +697,12 @@ def detect_format(row: dict, loc: str = "the first row") -> str:
     if has("prompt"):
         return "prompt"
     formats = "; ".join(f"{name}: {f.fields}" for name, f in FORMATS.items())
+    empty = sorted(k for k, v in row.items() if v is None)
     raise DataError(
-        f"{loc}: cannot tell the data format from the fields {sorted(row)}. Known formats and "
-        f"their fields: {formats}. Rename the fields or pass format= explicitly"
+        f"{loc}: cannot tell the data format from the fields {sorted(row)}"
+        + (f" (empty or null: {empty}, which count as missing)" if empty else "")
+        + f". Known formats and their fields: {formats}. Rename the fields or pass format= "
+        "explicitly"
     )
 
 
@@ -730,6 +753,18 @@ def _row_format(row: dict, loc: str, file_format: str, opt: NormaliseOptions) ->
     )
 
 
+def _read_as(row: dict, loc: str, file_format: str, report: DataReport, opt: NormaliseOptions) -> str:
+    """The format ``row`` is read as, counted in ``report.formats``."""
+    fmt = _row_format(row, loc, file_format, opt) if opt.detect_each_row else file_format
+    report.formats[fmt] = report.formats.get(fmt, 0) + 1
+    return fmt
+
+
+def _check_strict(skip: _Skip, loc: str, opt: NormaliseOptions) -> None:
+    if opt.strict and skip.reason in STRUCTURAL:
+        raise DataError(f"{loc}: {skip.reason}: {skip} (strict=True)") from None
+
+
 def _chosen_reply(produced: list[Record | _SkipRecord], loc: str) -> list[Record | _SkipRecord]:
     """A comparison row's records as one demonstration of its chosen reply. A ranking's pairs come
     best first, so the first kept pair's chosen reply is its best non-empty reply; a row with no
@@ -756,14 +791,12 @@ def normalise_rows(
     opt = options or NormaliseOptions()
     records: list[Record] = []
     for loc, row in rows:
-        fmt = _row_format(row, loc, format, opt) if opt.detect_each_row else format
-        report.formats[fmt] = report.formats.get(fmt, 0) + 1
+        fmt = _read_as(row, loc, format, report, opt)
         try:
             produced = FORMATS[fmt].normalise(row, loc, opt)
         except _Skip as s:
+            _check_strict(s, loc, opt)
             produced = [_SkipRecord(s.reason, loc)]
-            if opt.strict and s.reason in STRUCTURAL:
-                raise DataError(f"{loc}: {s.reason}: {s} (strict=True)") from None
         if opt.chosen_as_sft and FORMATS[fmt].kind is PreferencePair:
             produced = _chosen_reply(produced, loc)
         for rec in produced:
@@ -782,8 +815,7 @@ def normalise_prompt(
 ) -> Messages | None:
     """Just the prompt of one row in a file of ``format`` (any format with a prompt: the replies
     are neither needed nor checked), or None when the row is skipped (counted in ``report``)."""
-    fmt = _row_format(row, loc, format, options) if options.detect_each_row else format
-    report.formats[fmt] = report.formats.get(fmt, 0) + 1
+    fmt = _read_as(row, loc, format, report, options)
     read = FORMATS[fmt].prompt
     if read is None:
         with_prompt = ", ".join(name for name, f in FORMATS.items() if f.prompt is not None)
@@ -795,7 +827,6 @@ def normalise_prompt(
     try:
         return read(row, loc)
     except _Skip as s:
-        if options.strict and s.reason in STRUCTURAL:
-            raise DataError(f"{loc}: {s.reason}: {s} (strict=True)") from None
+        _check_strict(s, loc, options)
         report.skip(s.reason, loc)
         return None

@@ -119,7 +119,7 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def has_splits(path: str | Path) -> bool:
-    """Whether ``path`` is a source with named splits (a saved data set or a hub name), not a file."""
+    """Whether ``path`` has named splits (a saved data set or a hub name), unlike a file."""
     p = Path(path)
     return p.is_dir() or (not p.exists() and _looks_like_hub_name(str(path)))
 
