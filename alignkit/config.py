@@ -65,7 +65,7 @@ class DataConfig:
     path: str = ""
     """Training data: a .jsonl/.json/.parquet/.csv file, a saved `datasets` directory, or a hub name when online."""
     format: str = "auto"
-    """Record format: auto, pairwise, hh, ranked, unpaired, ratings, sft, critique_pair or critique_point ('auto' detects it from the fields)."""
+    """Record format: auto, pairwise, hh, ranked, unpaired, ratings, response, sft, text, prompt, critique_pair or critique_point ('auto' detects it from each row's fields)."""
     split: str = "train"
     """Split to read from a `datasets` dataset."""
     limit: int = 0
@@ -74,6 +74,8 @@ class DataConfig:
     """Shuffle the records (with `run.seed`) before the train/eval split."""
     eval_path: str = ""
     """Separate evaluation file; empty means carve `eval_fraction` / `eval_size` out of `path`."""
+    eval_split: str = ""
+    """Split of a `datasets` source to evaluate on (e.g. test), read from `eval_path` if set, else from `path`."""
     eval_fraction: float = 0.0
     """Fraction of records held out for evaluation when no `eval_path` is given."""
     eval_size: int = 0

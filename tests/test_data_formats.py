@@ -223,7 +223,7 @@ def test_null_counts_as_missing(tmp_path):
         ({"prompt": [USER("u"), ASSISTANT("a")], "completion": "c"}, r"field 'prompt' must end with a user turn"),
         ({"prompt": "p", "chosen": [USER("p")], "rejected": "b"}, r"field 'chosen' must end with an assistant message"),
         ({"prompt": "p", "chosen": [USER("other"), ASSISTANT("a")], "rejected": "b"}, r"field 'chosen' is a conversation that does not start with the prompt"),
-        ({"chosen": "plain a", "rejected": "plain b"}, r"cannot tell the data format"),
+        ({"chosen": "plain a", "rejected": [ASSISTANT("b")]}, r"missing field 'prompt'.*both be full conversations, or both plain strings"),
     ],
 )
 def test_wrong_types_and_shapes(tmp_path, row, message):

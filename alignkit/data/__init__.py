@@ -9,7 +9,8 @@ One entry point loads any supported source and format::
     batch = collate_pairs(items[:8], tokenizer.pad_token_id)
 
 Pipeline: :mod:`readers` (rows with locations) -> :mod:`formats` (records, skips counted in a
-:class:`DataReport`) -> :mod:`tokenize` (token-id items) -> :mod:`collate` (tensors).
+:class:`DataReport`) -> :mod:`tokenize` (token-id items) -> :mod:`collate` (tensors). The online
+methods read only prompts, from any format that has them: :func:`read_prompts` (:mod:`prompts`).
 """
 
 from __future__ import annotations
@@ -30,15 +31,22 @@ from alignkit.data.formats import (
     LLAMA2_MARGIN_SMALL,
     NormaliseOptions,
     detect_format,
+    implicit_prompt,
     normalise_rows,
     parse_hh_transcript,
+    read_source,
+    record_kind,
 )
-from alignkit.data.readers import read_rows, split_rows
+from alignkit.data.prompts import read_prompts
+from alignkit.data.readers import has_splits, read_rows, split_rows
 from alignkit.data.records import (
     PreferencePair,
+    PromptExample,
     RatedExample,
     Record,
+    ResponseExample,
     SFTExample,
+    TextExample,
     UnpairedExample,
 )
 from alignkit.data.report import DataError, DataReport
@@ -67,6 +75,8 @@ def load_dataset_records(
     margin_labels: dict[str, float] | None = None,
     group_rankings: bool = False,
     strict: bool = False,
+    kinds: tuple[type, ...] = (),
+    chosen_as_sft: bool = False,
 ) -> tuple[list[Record], list[Record], DataReport]:
     """Read ``path`` and return ``(train_records, eval_records, report)``.
 
@@ -74,7 +84,8 @@ def load_dataset_records(
         path: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a ``save_to_disk`` directory, or
             a Hugging Face Hub data set name (only when no such local path exists).
         format: one of :data:`FORMATS` (``pairwise``, ``hh``, ``ranked``, ``unpaired``,
-            ``ratings``, ``sft``); ``None`` detects it from the first row's fields.
+            ``ratings``, ``response``, ``sft``, ``text``, ``prompt``, ...): every row is read as
+            that format; ``None`` detects it from each row's fields.
         split: the split of a ``datasets`` source.
         limit: read only the first ``limit`` rows (before shuffling).
         shuffle, seed: shuffle the rows with ``random.Random(seed)``.
@@ -86,21 +97,24 @@ def load_dataset_records(
             ``weight`` 1/number-of-pairs) instead of as independent pairs.
         strict: make structural problems (HH or conversation pairs that do not share a prompt,
             malformed transcripts) errors instead of reported skips.
+        kinds: record types the caller reads. With ``format=None`` every row's format is
+            detected; rows of formats giving any of these may mix in one file (empty: rows must
+            give the first row's record type, so HH and pairwise rows mix). A row of another
+            kind is an error naming it, the first row and both formats.
+        chosen_as_sft: read comparisons (pairwise, hh, ranked) as demonstrations
+            (:class:`SFTExample`) of their chosen reply; a ranking gives its best reply.
     """
-    if format is not None and format not in FORMATS:
-        raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
-    report = DataReport(source=str(path))
-    rows = list(read_rows(path, split=split, limit=limit))
-    if not rows:
-        raise DataError(f"{path}: no rows to read")
-    report.read = len(rows)
-    report.format = format or detect_format(rows[0][1], rows[0][0])
+    rows, report = read_source(path, format, split, limit)
     train_rows, eval_rows = split_rows(rows, shuffle, seed, eval_fraction, eval_size)
     labels = DEFAULT_MARGIN_LABELS if margin_labels is None else margin_labels
     options = NormaliseOptions(
         margin_labels={" ".join(k.lower().split()): float(v) for k, v in labels.items()},
         group_rankings=group_rankings,
         strict=strict,
+        detect_each_row=format is None,
+        kinds=tuple(kinds),
+        first=rows[0][0],
+        chosen_as_sft=chosen_as_sft,
     )
     train = normalise_rows(train_rows, report.format, report, options)
     evals = normalise_rows(eval_rows, report.format, report, options)
@@ -119,9 +133,12 @@ __all__ = [
     "DataReport",
     "NormaliseOptions",
     "PreferencePair",
+    "PromptExample",
     "RatedExample",
     "Record",
+    "ResponseExample",
     "SFTExample",
+    "TextExample",
     "UnpairedExample",
     "collate_pairs",
     "collate_rated",
@@ -129,13 +146,17 @@ __all__ = [
     "collate_unpaired",
     "detect_format",
     "encode_prompt",
+    "has_splits",
+    "implicit_prompt",
     "load_dataset_records",
     "normalise_rows",
     "pack_pairs",
     "pack_sft",
     "parse_hh_transcript",
     "plain_chat",
+    "read_prompts",
     "read_rows",
+    "record_kind",
     "render_prompt",
     "split_rows",
     "tokenize_pair",

@@ -4,15 +4,21 @@
 format     fields                                          becomes
 =========  ==============================================  ===================================
 pairwise   ``prompt``, ``chosen``, ``rejected`` [,          one :class:`PreferencePair`
-           ``margin``]; ``prompt`` may be omitted when
-           ``chosen``/``rejected`` are full conversations
+           ``margin``]; without ``prompt``: full
+           conversations (the prompt is what they share
+           before the replies) or plain strings (the
+           prompt is their longest common prefix, cut
+           back to whitespace so no word is split)
 hh         ``chosen``, ``rejected``: HH-RLHF transcripts   one :class:`PreferencePair`
            (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
 ranked     ``prompt``, ``responses`` (k strings) and       k(k-1)/2 :class:`PreferencePair`
            ``ranking`` or ``ranks``
 unpaired   ``prompt``, ``completion``, ``label``            one :class:`UnpairedExample`
 ratings    ``prompt``, ``response``, ``score``              one :class:`RatedExample`
+response   ``prompt``, ``response`` (no score)             one :class:`ResponseExample`
 sft        ``prompt``, ``completion``; or ``messages``      one :class:`SFTExample`
+text       ``text``                                        one :class:`TextExample`
+prompt     ``prompt`` alone                                one :class:`PromptExample`
 critique_  ``prompt``, ``response_a``, ``response_b``,      one :class:`CritiquePair`
 pair       ``critique``, ``verdict`` (``"A"``/``"B"``)
 critique_  ``prompt``, ``response``, ``critique``,          one :class:`CritiquePoint`
@@ -37,28 +43,45 @@ the location, the field and the expected type. Content problems are counted skip
 :class:`DataReport` (empty responses, identical chosen/rejected, empty prompts). Pairs whose two
 conversations do not share the prompt are skipped and listed in ``report.mismatched``;
 ``strict=True`` makes them (and malformed HH transcripts) errors instead.
+
+Mixed files: with the format detected (no ``format=``), each row's format is detected too. A row
+of another format is read as what it is when both formats give records the caller reads
+(``NormaliseOptions.kinds``; by default the same record type: HH rows and pairwise rows mix);
+otherwise it is an error naming the row, the first row and both formats. A row whose fields are
+all fields of the file's format (a ratings row without its score reads as format ``response``) is
+read as the file's format, so that the error names the missing field.
+
+Demonstrations from comparisons: with ``NormaliseOptions.chosen_as_sft`` each comparison row
+(pairwise, hh, ranked) becomes one :class:`SFTExample` of its chosen reply (a ranking's best
+non-empty reply), counted and skipped as the comparison would be.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from alignkit.data.readers import read_rows
 from alignkit.data.records import (
     CritiquePair,
     CritiquePoint,
     Messages,
     PreferencePair,
+    PromptExample,
     RatedExample,
     Record,
+    ResponseExample,
     SFTExample,
+    TextExample,
     UnpairedExample,
 )
 from alignkit.data.report import (
     EMPTY_PROMPT,
     EMPTY_RESPONSE,
+    EMPTY_TEXT,
     IDENTICAL,
     MALFORMED_TRANSCRIPT,
     PREFIX_MISMATCH,
@@ -119,6 +142,15 @@ class NormaliseOptions:
     strict: bool = False
     next_group: int = 0
     """Next ranking-group id; advanced as groups are made so ids stay unique across calls."""
+    detect_each_row: bool = False
+    """Detect every row's format (the file's format was detected, not given): see the module doc."""
+    kinds: tuple[type, ...] = ()
+    """Record types the caller reads: rows whose formats give any of these may mix in one file
+    (empty: only rows giving the first row's record type)."""
+    first: str = ""
+    """Location of the file's first row, named when a later row is of an incompatible format."""
+    chosen_as_sft: bool = False
+    """Read comparisons as demonstrations of their chosen reply (see the module doc)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,18 +178,21 @@ def _wrong_type(loc: str, name: str, expected: str, value) -> DataError:
 def _number(value, name: str, loc: str) -> float:
     if isinstance(value, bool):
         raise _wrong_type(loc, name, "a number", value)
-    if isinstance(value, (int, float)):
-        x = float(value)
-    elif isinstance(value, str):
-        try:
-            x = float(value)
-        except ValueError:
-            raise _wrong_type(loc, name, "a number", value) from None
-    else:
+    if not isinstance(value, (int, float, str)):
         raise _wrong_type(loc, name, "a number", value)
-    if not math.isfinite(x):
-        raise _wrong_type(loc, name, "a finite number", value)
+    try:
+        x = float(value)
+    except ValueError:
+        raise _wrong_type(loc, name, "a number", value) from None
+    except OverflowError:  # an integer beyond any float
+        x = math.inf
+    if not math.isfinite(x) or abs(x) > _FLOAT32_MAX:
+        raise _wrong_type(loc, name, "a finite number within float32's range (|x| <= 3.4e38: the "
+                          "losses compute in float32; rescale the values)", value)
     return x
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _messages(value, name: str, loc: str) -> Messages:
@@ -253,6 +288,12 @@ def _looks_like_hh(text: str) -> bool:
     return text.lstrip().startswith("Human:") and "\n\nAssistant:" in text
 
 
+def _hh_like(text: str) -> bool:
+    """Has a Human turn: an HH-RLHF transcript, if perhaps a malformed one (which is a counted
+    skip, while text with no turn at all is another format)."""
+    return text.lstrip().startswith("Human:") or "\n\nHuman:" in text
+
+
 def parse_hh_transcript(text: str) -> Messages:
     """``"\\n\\nHuman: a\\n\\nAssistant: b"`` -> ``[user a, assistant b]``.
 
@@ -319,25 +360,54 @@ _RESPONSE = "a string or a list of chat messages"
 _PROMPT = "a string or a list of chat messages"
 
 
-def _pairwise(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+def _pairwise_split(row: dict, loc: str) -> tuple[Messages, str, str]:
+    """``(prompt, chosen, rejected)`` of a pairwise row, the prompt given or implicit."""
     chosen = _get(row, "chosen", _RESPONSE, loc, "pairwise")
     rejected = _get(row, "rejected", _RESPONSE, loc, "pairwise")
-    margin = _margin(row.get("margin"), loc, opt.margin_labels)
     if row.get("prompt") is not None:
         prompt = _prompt(row["prompt"], loc)
         c = _reply_to(prompt, chosen, "chosen", loc)
-        r = _reply_to(prompt, rejected, "rejected", loc)
-    else:  # full conversations: the prompt is what they share before the final replies
-        before_c, c = _reply(chosen, "chosen", loc)
-        before_r, r = _reply(rejected, "rejected", loc)
-        if before_c is None or before_r is None:
-            raise DataError(
-                f"{loc}: missing field 'prompt' (expected {_PROMPT}) for format 'pairwise'; "
-                "without it 'chosen' and 'rejected' must be full conversations"
-            )
-        if before_c != before_r:
-            raise _Skip(PREFIX_MISMATCH, _difference(before_c, before_r))
-        prompt = _prompt(before_c, loc, "chosen")
+        return prompt, c, _reply_to(prompt, rejected, "rejected", loc)
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return implicit_prompt(chosen, rejected, loc)
+    # Full conversations: the prompt is what they share before the final replies.
+    before_c, c = _reply(chosen, "chosen", loc)
+    before_r, r = _reply(rejected, "rejected", loc)
+    if before_c is None or before_r is None:
+        raise DataError(
+            f"{loc}: missing field 'prompt' (expected {_PROMPT}) for format 'pairwise'; "
+            "without it 'chosen' and 'rejected' must both be full conversations, or both "
+            "plain strings that start with the prompt"
+        )
+    if before_c != before_r:
+        raise _Skip(PREFIX_MISMATCH, _difference(before_c, before_r))
+    return _prompt(before_c, loc, "chosen"), c, r
+
+
+def implicit_prompt(chosen: str, rejected: str, loc: str = "") -> tuple[Messages, str, str]:
+    """Split two plain texts that start with the same prompt into ``(prompt, chosen, rejected)``.
+
+    The prompt is their longest common prefix (as TRL's ``extract_prompt``), cut back to the last
+    whitespace in it so that a word the two replies begin alike ("Four" / "Five") stays whole in
+    both replies; like any prompt string it may be an HH-style transcript. Two texts that share
+    no whole word are skipped as ``prefix_mismatch``.
+    """
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = len(shared)
+    while cut > 0 and not shared[cut - 1].isspace():  # never split the replies' first word
+        cut -= 1
+    if not shared[:cut].strip():
+        raise _Skip(
+            PREFIX_MISMATCH,
+            "'chosen' and 'rejected' are plain strings with no 'prompt' field, so the prompt is "
+            "their shared beginning, but they share no whole word; give a 'prompt' field",
+        )
+    return _prompt(shared[:cut], loc, "chosen"), chosen[cut:].strip(), rejected[cut:].strip()
+
+
+def _pairwise(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    prompt, c, r = _pairwise_split(row, loc)
+    margin = _margin(row.get("margin"), loc, opt.margin_labels)
     return [_pair(prompt, c, r, margin, loc)]
 
 
@@ -348,13 +418,24 @@ def _pair(prompt: Messages, chosen: str, rejected: str, margin: float, loc: str)
     return PreferencePair(prompt, chosen, rejected, margin=margin, source=loc)
 
 
-def _hh(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+def _hh_split(row: dict, loc: str) -> tuple[Messages, str, str]:
     chosen = _get(row, "chosen", "an HH-RLHF transcript string", loc, "hh")
     rejected = _get(row, "rejected", "an HH-RLHF transcript string", loc, "hh")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str):
             raise _wrong_type(loc, name, "an HH-RLHF transcript string", value)
-    prompt, c, r = split_hh_pair(chosen, rejected, loc)
+        if not _hh_like(value):  # another format's row, not a damaged transcript: never a skip
+            raise DataError(
+                f"{loc}: field '{name}' is not an HH-RLHF transcript (no 'Human:' turn), but "
+                f"format 'hh' reads every row as one; the row has fields {sorted(row)}. Leave "
+                "the format to be detected (rows of pairwise and hh formats may mix), or fix "
+                "the row"
+            )
+    return split_hh_pair(chosen, rejected, loc)
+
+
+def _hh(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    prompt, c, r = _hh_split(row, loc)
     margin = _margin(row.get("margin"), loc, opt.margin_labels)
     return [_pair(prompt, c, r, margin, loc)]
 
@@ -441,6 +522,12 @@ def _ratings(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
 
 
 def _sft(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    if row.get("messages") is None and _present(row, "chosen") and _present(row, "rejected"):
+        raise DataError(
+            f"{loc}: format 'sft' needs 'prompt' and 'completion' (or 'messages'), but the row "
+            f"has fields {sorted(row)}: it is a comparison. Leave data.format=auto: `alignkit "
+            "sft` then trains on the chosen reply of each comparison"
+        )
     if row.get("messages") is not None:
         before, completion = _reply(row["messages"], "messages", loc)
         if before is None:
@@ -493,24 +580,90 @@ def _critique_text(row: dict, loc: str, fmt: str) -> str:
     return critique.strip()
 
 
+def _sft_prompt(row: dict, loc: str) -> Messages:
+    if row.get("messages") is not None:
+        before, _ = _reply(row["messages"], "messages", loc)
+        if before is None:
+            raise _wrong_type(loc, "messages", "a list of chat messages", row["messages"])
+        return _prompt(before, loc, "messages")
+    return _field_prompt(row, loc)
+
+
+def _text(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    text = _get(row, "text", "a string", loc, "text")
+    if not isinstance(text, str):
+        raise _wrong_type(loc, "text", "a string", text)
+    if not text.strip():
+        raise _Skip(EMPTY_TEXT)
+    return [TextExample(text, source=loc)]  # as written: whitespace can be part of a document
+
+
+def _prompt_only(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    return [PromptExample(_field_prompt(row, loc), source=loc)]
+
+
+def _response(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
+    prompt = _prompt(_get(row, "prompt", _PROMPT, loc, "response"), loc)
+    response = _reply_to(prompt, _get(row, "response", _RESPONSE, loc, "response"), "response", loc)
+    _nonempty(response)
+    return [ResponseExample(prompt, response, source=loc)]
+
+
+def _field_prompt(row: dict, loc: str) -> Messages:
+    return _prompt(_get(row, "prompt", _PROMPT, loc, "prompt"), loc)
+
+
 @dataclass(frozen=True)
 class Format:
-    """One input format: its fields (shown in error messages) and its normaliser."""
+    """One input format: its fields (shown in error messages), its normaliser, the record type it
+    gives, and how to read just its prompt (None: the format has no prompt)."""
 
     fields: str
     normalise: Callable[[dict, str, NormaliseOptions], list[Record | _SkipRecord]]
+    kind: type
+    names: frozenset[str]
+    """Every field the format reads."""
+    prompt: Callable[[dict, str], Messages] | None = _field_prompt
+
+
+def _format(fields, normalise, kind, names: str, prompt=_field_prompt) -> Format:
+    return Format(fields, normalise, kind, frozenset(names.split()), prompt)
 
 
 #: Every format by name, in the order :func:`detect_format` considers them.
 FORMATS: dict[str, Format] = {
-    "ranked": Format("prompt, responses, ranking|ranks", _ranked),
-    "pairwise": Format("prompt, chosen, rejected [, margin]", _pairwise),
-    "hh": Format("chosen, rejected as HH-RLHF transcripts [, margin]", _hh),
-    "unpaired": Format("prompt, completion, label", _unpaired),
-    "critique_pair": Format("prompt, response_a, response_b, critique, verdict", _critique_pair),
-    "critique_point": Format("prompt, response, critique, score", _critique_point),
-    "ratings": Format("prompt, response, score", _ratings),
-    "sft": Format("prompt, completion | messages", _sft),
+    "ranked": _format(
+        "prompt, responses, ranking|ranks", _ranked, PreferencePair,
+        "prompt responses ranking ranks",
+    ),
+    "pairwise": _format(
+        "prompt, chosen, rejected [, margin]", _pairwise, PreferencePair,
+        "prompt chosen rejected margin", lambda row, loc: _pairwise_split(row, loc)[0],
+    ),
+    "hh": _format(
+        "chosen, rejected as HH-RLHF transcripts [, margin]", _hh, PreferencePair,
+        "chosen rejected margin", lambda row, loc: _hh_split(row, loc)[0],
+    ),
+    "unpaired": _format(
+        "prompt, completion, label", _unpaired, UnpairedExample, "prompt completion label"
+    ),
+    "critique_pair": _format(
+        "prompt, response_a, response_b, critique, verdict", _critique_pair, CritiquePair,
+        "prompt response_a response_b critique verdict",
+    ),
+    "critique_point": _format(
+        "prompt, response, critique, score", _critique_point, CritiquePoint,
+        "prompt response critique score",
+    ),
+    "ratings": _format("prompt, response, score", _ratings, RatedExample, "prompt response score"),
+    "response": _format(
+        "prompt, response (no score)", _response, ResponseExample, "prompt response"
+    ),
+    "sft": _format(
+        "prompt, completion | messages", _sft, SFTExample, "prompt completion messages", _sft_prompt
+    ),
+    "text": _format("text", _text, TextExample, "text", None),
+    "prompt": _format("prompt", _prompt_only, PromptExample, "prompt"),
 }
 
 
@@ -519,15 +672,14 @@ def _present(row: dict, name: str) -> bool:
 
 
 def detect_format(row: dict, loc: str = "the first row") -> str:
-    """Name the format of ``row`` from its fields (the first row decides for a whole file)."""
+    """Name the format of ``row`` from its fields (see the module doc for mixed files)."""
     has = lambda *names: all(_present(row, n) for n in names)  # noqa: E731
     if has("responses") and (has("ranking") or has("ranks")):
         return "ranked"
     if has("chosen", "rejected"):
         if has("prompt") or not isinstance(row["chosen"], str):
             return "pairwise"
-        if _looks_like_hh(row["chosen"]):
-            return "hh"
+        return "hh" if _hh_like(row["chosen"]) or _hh_like(str(row["rejected"])) else "pairwise"
     if has("completion", "label"):
         return "unpaired"
     if has("response_a", "response_b"):
@@ -538,11 +690,89 @@ def detect_format(row: dict, loc: str = "the first row") -> str:
         return "ratings"
     if has("messages") or has("prompt", "completion"):
         return "sft"
+    if has("prompt", "response"):
+        return "response"
+    if has("text") and not has("prompt"):
+        return "text"
+    if has("prompt"):
+        return "prompt"
     formats = "; ".join(f"{name}: {f.fields}" for name, f in FORMATS.items())
+    empty = sorted(k for k, v in row.items() if v is None)
     raise DataError(
-        f"{loc}: cannot tell the data format from the fields {sorted(row)}. Known formats and "
-        f"their fields: {formats}. Rename the fields or pass format= explicitly"
+        f"{loc}: cannot tell the data format from the fields {sorted(row)}"
+        + (f" (empty or null: {empty}, which count as missing)" if empty else "")
+        + f". Known formats and their fields: {formats}. Rename the fields or pass format= "
+        "explicitly"
     )
+
+
+def read_source(
+    path, format: str | None = None, split: str = "train", limit: int | None = None
+) -> tuple[list[tuple[str, dict]], DataReport]:
+    """Every ``(location, row)`` of ``path`` and a report holding the count and the file's format
+    (``format``, or the first row's detected one)."""
+    if format is not None and format not in FORMATS:
+        raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
+    report = DataReport(source=str(path))
+    rows = list(read_rows(path, split=split, limit=limit))
+    if not rows:
+        raise DataError(f"{path}: no rows to read")
+    report.read = len(rows)
+    report.format = format or detect_format(rows[0][1], rows[0][0])
+    return rows, report
+
+
+def record_kind(format: str, options: NormaliseOptions | None = None) -> type:
+    """The record type rows of ``format`` become (comparisons become demonstrations with
+    ``chosen_as_sft``)."""
+    kind = FORMATS[format].kind
+    if options is not None and options.chosen_as_sft and kind is PreferencePair:
+        return SFTExample
+    return kind
+
+
+def _row_format(row: dict, loc: str, file_format: str, opt: NormaliseOptions) -> str:
+    """The format to read ``row`` as, in a file whose first row is ``file_format``."""
+    try:
+        fmt = detect_format(row, loc)
+    except DataError:
+        return file_format  # its normaliser names the missing field
+    if fmt == file_format:
+        return fmt
+    kind, file_kind = record_kind(fmt, opt), record_kind(file_format, opt)
+    if kind is file_kind or (kind in opt.kinds and file_kind in opt.kinds):
+        return fmt
+    if {n for n in FORMATS[fmt].names if _present(row, n)} <= FORMATS[file_format].names:
+        return file_format  # a row of the file's format missing a field: its normaliser names it
+    raise DataError(
+        f"{loc}: this row is in format '{fmt}' ({FORMATS[fmt].fields}; the row has fields "
+        f"{sorted(row)}), but the file's first row ({opt.first or 'the first row'}) is in format "
+        f"'{file_format}' ({FORMATS[file_format].fields}), and the two give different records "
+        f"({kind.__name__} vs {file_kind.__name__}). Keep one kind of record per file (split "
+        "the file by format), or fix this row"
+    )
+
+
+def _read_as(row: dict, loc: str, file_format: str, report: DataReport, opt: NormaliseOptions) -> str:
+    """The format ``row`` is read as, counted in ``report.formats``."""
+    fmt = _row_format(row, loc, file_format, opt) if opt.detect_each_row else file_format
+    report.formats[fmt] = report.formats.get(fmt, 0) + 1
+    return fmt
+
+
+def _check_strict(skip: _Skip, loc: str, opt: NormaliseOptions) -> None:
+    if opt.strict and skip.reason in STRUCTURAL:
+        raise DataError(f"{loc}: {skip.reason}: {skip} (strict=True)") from None
+
+
+def _chosen_reply(produced: list[Record | _SkipRecord], loc: str) -> list[Record | _SkipRecord]:
+    """A comparison row's records as one demonstration of its chosen reply. A ranking's pairs come
+    best first, so the first kept pair's chosen reply is its best non-empty reply; a row with no
+    kept pair keeps its skips."""
+    pairs = [r for r in produced if isinstance(r, PreferencePair)]
+    if not pairs:
+        return produced
+    return [SFTExample(pairs[0].prompt, pairs[0].chosen, source=loc)]
 
 
 def normalise_rows(
@@ -551,19 +781,24 @@ def normalise_rows(
     report: DataReport,
     options: NormaliseOptions | None = None,
 ) -> list[Record]:
-    """Turn ``(location, row)`` pairs into records, counting skips in ``report``."""
+    """Turn ``(location, row)`` pairs into records, counting skips in ``report``.
+
+    ``format`` is the file's format; with ``options.detect_each_row`` each row is read as the
+    format it is in, where that is compatible (see the module doc).
+    """
     if format not in FORMATS:
         raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
     opt = options or NormaliseOptions()
-    normalise = FORMATS[format].normalise
     records: list[Record] = []
     for loc, row in rows:
+        fmt = _read_as(row, loc, format, report, opt)
         try:
-            produced = normalise(row, loc, opt)
+            produced = FORMATS[fmt].normalise(row, loc, opt)
         except _Skip as s:
+            _check_strict(s, loc, opt)
             produced = [_SkipRecord(s.reason, loc)]
-            if opt.strict and s.reason in STRUCTURAL:
-                raise DataError(f"{loc}: {s.reason}: {s} (strict=True)") from None
+        if opt.chosen_as_sft and FORMATS[fmt].kind is PreferencePair:
+            produced = _chosen_reply(produced, loc)
         for rec in produced:
             if isinstance(rec, _SkipRecord):
                 if opt.strict and rec.reason in STRUCTURAL:
@@ -573,3 +808,25 @@ def normalise_rows(
                 records.append(rec)
     report.kept += len(records)
     return records
+
+
+def normalise_prompt(
+    row: dict, loc: str, format: str, report: DataReport, options: NormaliseOptions
+) -> Messages | None:
+    """Just the prompt of one row in a file of ``format`` (any format with a prompt: the replies
+    are neither needed nor checked), or None when the row is skipped (counted in ``report``)."""
+    fmt = _read_as(row, loc, format, report, options)
+    read = FORMATS[fmt].prompt
+    if read is None:
+        with_prompt = ", ".join(name for name, f in FORMATS.items() if f.prompt is not None)
+        raise DataError(
+            f"{loc}: a row of format '{fmt}' (fields {sorted(row)}) has no prompt to sample "
+            f"from; give rows with a 'prompt' field ({{\"prompt\": \"...\"}} or chat messages), "
+            f"or of any format with a prompt: {with_prompt}"
+        )
+    try:
+        return read(row, loc)
+    except _Skip as s:
+        _check_strict(s, loc, options)
+        report.skip(s.reason, loc)
+        return None

@@ -7,7 +7,6 @@ from so later errors can point at it:
 source                 chosen by                   location
 =====================  ==========================  =========================================
 JSON Lines             ``.jsonl`` ``.ndjson``       ``data.jsonl:17`` (1-based line)
-                       (``.gz`` too)
 JSON                   ``.json``: a list of         ``data.json[16]`` (0-based index); a
                        objects or ``{"data": [..]}``  ``.json`` file holding JSON Lines is read
                                                     as JSON Lines
@@ -19,17 +18,25 @@ Hub data set           a name like ``org/name``     ``hub:org/name/train[16]``
                        that is not a local path
 =====================  ==========================  =========================================
 
+Text files may be compressed (``.gz``, ``.bz2``, ``.xz`` after the type: ``data.jsonl.gz``) and may
+start with a UTF-8 byte-order mark (as Windows tools write), which is dropped. A damaged archive
+is an error naming the file.
+
 CSV cells are strings (an empty cell is a missing value); a cell holding a JSON array of chat
 messages (``[{"role": ..., "content": ...}]``) is decoded so conversations survive a CSV round trip.
 """
 
 from __future__ import annotations
 
+import bz2
+import codecs
 import csv
 import gzip
 import io
 import json
+import lzma
 import random
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +53,15 @@ _SUFFIXES = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+
+#: Compression suffix -> (decompress, the errors a damaged archive raises).
+_COMPRESSED = {
+    ".gz": (gzip.decompress, (OSError, EOFError, zlib.error)),
+    ".bz2": (bz2.decompress, (OSError, EOFError, ValueError)),
+    ".xz": (lzma.decompress, (lzma.LZMAError, EOFError)),
+}
+
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 
 _UTF8_FIX = (
     "alignkit reads text files as UTF-8: re-encode the file (e.g. `iconv -f latin1 -t utf-8 "
@@ -81,15 +97,17 @@ def _rows(path: str | Path, split: str) -> Iterator[Row]:
 
 def _kind(p: Path) -> str:
     suffixes = [s.lower() for s in p.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in _COMPRESSED:
         suffixes = suffixes[:-1]
     kind = _SUFFIXES.get(suffixes[-1]) if suffixes else None
     if kind is None:
         raise DataError(
             f"{p}: cannot tell the file type from its name; use one of "
-            f"{', '.join(sorted(_SUFFIXES))} (optionally .gz), or a directory written by "
-            "datasets' save_to_disk"
+            f"{', '.join(sorted(_SUFFIXES))} (optionally compressed: "
+            f"{', '.join(_COMPRESSED)}), or a directory written by datasets' save_to_disk"
         )
+    if kind == "parquet" and p.suffix.lower() in _COMPRESSED:
+        raise DataError(f"{p}: Parquet files are compressed inside; give the .parquet file itself")
     return kind
 
 
@@ -97,14 +115,41 @@ def _looks_like_hub_name(name: str) -> bool:
     """``org/name`` or ``name``: no data-file suffix, not absolute or relative-looking."""
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
         return False
-    return Path(name).suffix.lower() not in {*_SUFFIXES, ".gz"}
+    return Path(name).suffix.lower() not in {*_SUFFIXES, *_COMPRESSED}
+
+
+def has_splits(path: str | Path) -> bool:
+    """Whether ``path`` has named splits (a saved data set or a hub name), unlike a file."""
+    p = Path(path)
+    return p.is_dir() or (not p.exists() and _looks_like_hub_name(str(path)))
 
 
 def _read_bytes(p: Path) -> bytes:
-    data = gzip.decompress(p.read_bytes()) if p.suffix.lower() == ".gz" else p.read_bytes()
+    """The file's bytes, decompressed, without a UTF-8 byte-order mark."""
+    data = p.read_bytes()
+    if p.suffix.lower() in _COMPRESSED:
+        decompress, errors = _COMPRESSED[p.suffix.lower()]
+        try:
+            data = decompress(data)
+        except errors as e:
+            raise DataError(
+                f"{p}: not a readable {p.suffix} archive ({type(e).__name__}: {e}); the file is "
+                f"damaged or incomplete (an interrupted download or copy?). Check it with "
+                f"`{_TEST_COMMAND[p.suffix.lower()]} {p}` and fetch it again"
+            ) from None
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    elif data.startswith(_UTF16_BOMS):
+        raise DataError(
+            f"{p}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark); alignkit "
+            f"reads UTF-8: re-encode it, e.g. `iconv -f utf-16 -t utf-8 IN > OUT`"
+        )
     if not data.strip():
         raise DataError(f"{p}: the file is empty (no rows to read)")
     return data
+
+
+_TEST_COMMAND = {".gz": "gzip -t", ".bz2": "bzip2 -t", ".xz": "xz -t"}
 
 
 def _decode(p: Path, data: bytes, first_line: int = 1) -> str:
@@ -234,7 +279,13 @@ def _read_saved_dataset(p: Path, split: str) -> Iterator[Row]:
         )
     import datasets
 
-    ds = datasets.load_from_disk(str(p))
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # datasets/pyarrow raise many types for a damaged directory
+        raise DataError(
+            f"{p}: a data set saved with save_to_disk that cannot be read ({type(e).__name__}: "
+            f"{e}); it is damaged or incomplete: save it again"
+        ) from None
     where = str(p)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:

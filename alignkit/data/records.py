@@ -60,6 +60,32 @@ class SFTExample:
 
 
 @dataclass
+class TextExample:
+    """One plain text for language modelling: every token is a target (pretraining, PPO-ptx)."""
+
+    text: str
+    source: str = ""
+
+
+@dataclass
+class PromptExample:
+    """A prompt with no response: what the online methods (PPO, GRPO, RLOO, rejection sampling)
+    sample from."""
+
+    prompt: Messages
+    source: str = ""
+
+
+@dataclass
+class ResponseExample:
+    """One response with no score or label: what `alignkit score` scores."""
+
+    prompt: Messages
+    response: str
+    source: str = ""
+
+
+@dataclass
 class CritiquePair:
     """One written comparison: a critique of two responses to ``prompt`` ending in a verdict,
     the training data of a pairwise critique (generative) reward model."""
@@ -87,4 +113,7 @@ class CritiquePoint:
     source: str = ""
 
 
-Record = PreferencePair | UnpairedExample | RatedExample | SFTExample | CritiquePair | CritiquePoint
+Record = (
+    PreferencePair | UnpairedExample | RatedExample | SFTExample | TextExample | PromptExample
+    | ResponseExample | CritiquePair | CritiquePoint
+)

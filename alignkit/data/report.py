@@ -20,6 +20,10 @@ PREFIX_MISMATCH = "prefix_mismatch"
 """The two conversations of a pair do not share the prompt (HH-RLHF or full-conversation pairs)."""
 MALFORMED_TRANSCRIPT = "malformed_transcript"
 """An HH-RLHF transcript whose last turn is not an assistant reply to a Human turn."""
+EMPTY_TEXT = "empty_text"
+"""A language-modelling ``text`` row is empty or only whitespace."""
+DUPLICATE_PROMPT = "duplicate_prompt"
+"""A prompt already read from an earlier row (the online methods sample each distinct prompt)."""
 
 _LISTED = 20
 """Mismatched locations printed by :meth:`DataReport.summary` (all are kept in the report)."""
@@ -38,6 +42,9 @@ class DataReport:
 
     source: str = ""
     format: str = ""
+    """The format of the first row (the file's format)."""
+    formats: dict[str, int] = field(default_factory=dict)
+    """Rows read as each format; more than one when rows of compatible formats are mixed."""
     read: int = 0
     """Rows read from the source (after ``limit``)."""
     kept: int = 0
@@ -85,7 +92,12 @@ class DataReport:
 
     def summary(self) -> str:
         """A few human-readable lines, printed by the CLI."""
-        head = f"data {self.source or '?'} (format {self.format or '?'}): "
+        if len(self.formats) > 1:
+            first = sorted(self.formats.items(), key=lambda kv: (kv[0] != self.format, kv[0]))
+            fmt = "formats " + ", ".join(f"{name} {n} rows" for name, n in first)
+        else:
+            fmt = f"format {self.format or '?'}"
+        head = f"data {self.source or '?'} ({fmt}): "
         head += f"read {self.read} rows, kept {self.kept} records"
         if self.kept:
             head += f" (train {self.train}, eval {self.eval})"

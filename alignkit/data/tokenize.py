@@ -29,6 +29,7 @@ from alignkit.data.records import (
     RatedExample,
     Record,
     SFTExample,
+    TextExample,
     UnpairedExample,
 )
 from alignkit.data.report import DataReport
@@ -192,9 +193,27 @@ def _rated(ex: RatedExample, enc: _Encoder, limits: _Limits, report) -> dict:
     }
 
 
+def _text(ex: TextExample, enc: _Encoder, limits: _Limits, report) -> dict:
+    """An SFT item with every token a target (language modelling): [BOS where the tokenizer adds
+    one] text EOS; a text over ``max_length`` keeps its beginning (and loses EOS), counted."""
+    ids = enc.tokenizer(ex.text, add_special_tokens=False)["input_ids"] + [enc.eos]
+    if enc.bos is not None and ids[:1] != [enc.bos]:
+        ids = [enc.bos] + ids
+    cut = limits.max_length is not None and len(ids) > limits.max_length
+    if cut:
+        ids = ids[: limits.max_length]
+    if report is not None:
+        report.tokenized += 1
+        if cut:
+            report.truncate(ex.source, prompt=False, response=True)
+    # Nothing predicts the first token; the shift in the loss pairs labels[t] with logits[t-1].
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:], "length": len(ids)}
+
+
 #: Record type -> item builder.
 _BUILDERS = {
     SFTExample: _sft,
+    TextExample: _text,
     PreferencePair: _pair,
     UnpairedExample: _unpaired,
     RatedExample: _rated,

@@ -32,13 +32,29 @@ class PreparedData:
     report: object
 
 
+#: The commands that read each record type, for the hint when a command is given the wrong data.
+_COMMANDS = {
+    "SFTExample": "sft", "TextExample": "sft", "PreferencePair": "rm, dpo, kto", "UnpairedExample": "kto",
+    "RatedExample": "rm", "ResponseExample": "score", "PromptExample": "ppo, grpo, rloo, rs",
+    "CritiquePair": "critic", "CritiquePoint": "critic",
+}
+
+
 def prepare_data(data: DataConfig, tokenizer, seed: int, expect: tuple[str, ...], name: str) -> PreparedData:
-    """Read ``data.path`` (and ``data.eval_path``), check the records are of a kind in ``expect``
-    (record class names), tokenise them, print the report and return the items."""
-    from alignkit.data import load_dataset_records, tokenize_records
+    """Read ``data.path`` (and the evaluation data: see :func:`eval_source`), check the records are of a
+    kind in ``expect`` (record class names), tokenise them, print the report and return the items.
+
+    A command that trains on demonstrations (``SFTExample`` expected, comparisons not) also takes
+    ``text`` rows (every token a target) and comparison files, whose chosen replies it trains on (a
+    ranking: its best reply), saying so."""
+    from alignkit.data import load_dataset_records, record_kind, records, tokenize_records
 
     if not data.path:
         raise ValueError(f"{name}: set data.path to a training file (see `alignkit {name} --help`)")
+    kinds = set(expect)
+    demonstrations = "SFTExample" in kinds and "PreferencePair" not in kinds
+    if demonstrations:
+        kinds.add("TextExample")
     common = dict(
         format=None if data.format == "auto" else data.format,
         split=data.split,
@@ -48,28 +64,89 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, expect: tuple[str, ...]
         margin_labels=data.margin_labels or None,
         group_rankings=data.group_rankings,
         strict=data.strict,
+        # Rows of other formats may mix in one file where they give the same records; demonstrations
+        # and texts also mix (both become SFT items).
+        kinds=(records.SFTExample, records.TextExample) if demonstrations else (),
+        chosen_as_sft=demonstrations,
     )
+    eval_path, eval_split = eval_source(data)
     train_records, eval_records, report = load_dataset_records(
-        data.path, eval_fraction=0.0 if data.eval_path else data.eval_fraction,
-        eval_size=None if data.eval_path or not data.eval_size else data.eval_size, **common
+        data.path, eval_fraction=0.0 if eval_path else data.eval_fraction,
+        eval_size=None if eval_path or not data.eval_size else data.eval_size, **common
     )
     eval_report = None
-    if data.eval_path:
-        eval_records, _, eval_report = load_dataset_records(data.eval_path, **common)
-    kinds = {type(r).__name__ for r in train_records + eval_records}
-    wrong = kinds - set(expect)
+    if eval_path:
+        eval_records, _, eval_report = load_dataset_records(eval_path, **{**common, "split": eval_split})
+        eval_report.train, eval_report.eval = 0, eval_report.train  # all of it is evaluation data
+    wrong = {type(r).__name__ for r in train_records + eval_records} - kinds
     if wrong:
-        raise ValueError(
-            f"{name}: {data.path} holds {', '.join(sorted(wrong))} records but `alignkit {name}` trains on "
-            f"{' or '.join(expect)}; set data.format or use the matching command"
-        )
+        raise ValueError(_wrong_records(name, data.path, report.format, wrong, kinds, demonstrations))
+    comparisons = [f for f in sorted(report.formats) if demonstrations and record_kind(f) is records.PreferencePair]
+    if comparisons:
+        print(f"[alignkit] {name}: {data.path} holds comparisons (format {', '.join(comparisons)}): training on the "
+              "chosen reply of each comparison (the best reply of a ranking)")
     lengths = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length)
     train, _ = tokenize_records(train_records, tokenizer, report=report, **lengths)
     evals, _ = tokenize_records(eval_records, tokenizer, report=eval_report or report, **lengths)
     print(f"[alignkit] {name} data: {len(train)} train / {len(evals)} eval items\n{report.summary()}")
     if eval_report is not None:
-        print(f"[alignkit] {name} eval data ({data.eval_path}):\n{eval_report.summary()}")
+        where = eval_path + (f" split {eval_split}" if data.eval_split else "")
+        print(f"[alignkit] {name} eval data ({where}):\n{eval_report.summary()}")
     return PreparedData(train, evals, train_records, eval_records, report)
+
+
+def _wrong_records(name: str, path: str, fmt: str, wrong: set[str], kinds: set[str], demonstrations: bool) -> str:
+    """Why ``alignkit name`` cannot train on ``path``, and what reads it / what it needs instead."""
+    from alignkit.data import FORMATS
+
+    needed = [f"{n} ({f.fields})" for n, f in FORMATS.items() if f.kind.__name__ in kinds]
+    if demonstrations:
+        needed.append("pairwise, hh or ranked comparisons (their chosen replies)")
+    got = ", ".join(f"{k} (read by `alignkit {_COMMANDS.get(k, '?')}`)" for k in sorted(wrong))
+    return (f"{name}: {path} is format '{fmt}' ({FORMATS[fmt].fields}), which gives {got}; `alignkit {name}` "
+            f"reads the formats {'; '.join(needed)}. Use the command that reads this data, or give data in one of "
+            "those formats")
+
+
+def eval_source(data: DataConfig) -> tuple[str, str]:
+    """Where evaluation data comes from, as ``(path, split)``; ``("", "")`` when it is a held-out part of
+    ``data.path`` (``eval_fraction`` / ``eval_size``) or there is none.
+
+    ``data.eval_split`` names a split of a `datasets` source (``eval_path`` if given, else ``path``): a
+    DatasetDict's test split. ``eval_path`` alone is read at ``data.split``."""
+    from alignkit.data import has_splits
+
+    if not data.eval_split:
+        return (data.eval_path, data.split) if data.eval_path else ("", "")
+    source = data.eval_path or data.path
+    if data.eval_fraction or data.eval_size:
+        raise ValueError(f"data.eval_split={data.eval_split!r} evaluates on a split of {source}, and "
+                         "data.eval_fraction / eval_size would carve another out of data.path: give only one")
+    if not has_splits(source):
+        raise ValueError(f"data.eval_split={data.eval_split!r} picks a split of a `datasets` source (a save_to_disk "
+                         f"directory or a hub name), but {source} is a file, which has no splits: give the evaluation "
+                         "file as data.eval_path and leave data.eval_split empty")
+    if source == data.path and data.eval_split == data.split:
+        raise ValueError(f"data.eval_split={data.eval_split!r} is the training split (data.split): evaluation would "
+                         "re-read the training rows; name the held-out split (e.g. test)")
+    return source, data.eval_split
+
+
+def prepare_prompts(data: DataConfig, tokenizer=None, name: str = "the online methods") -> list:
+    """The distinct prompts of ``data.path`` (any format with a prompt, prompt-only rows included) as chat
+    messages, in file order; prints the read/kept/skipped/truncated report (truncation counted against
+    ``data.max_prompt_length`` when a ``tokenizer`` is given)."""
+    from alignkit.data import read_prompts
+
+    if not data.path:
+        raise ValueError(f"{name}: set data.path to a file of prompts ({{\"prompt\": ...}} rows, or any format with a "
+                         "prompt), or pass prompts in Python")
+    prompts, report = read_prompts(
+        data.path, format=None if data.format == "auto" else data.format, split=data.split,
+        limit=data.limit or None, strict=data.strict, tokenizer=tokenizer, max_prompt_length=data.max_prompt_length,
+    )
+    print(f"[alignkit] {len(prompts)} distinct prompts from {data.path}\n{report.summary()}")
+    return prompts
 
 
 #: How the pairs of a micro-batch go through one forward pass (DPO family, reward models): name ->

@@ -180,17 +180,19 @@ class CriticConfig:
 def load_critique_records(data: DataConfig, seed: int, mix_path: str = "") -> tuple[list, list, object]:
     """Train and held-out critique records of ``data`` (plus ``mix_path``'s, added to training)."""
     from alignkit.data import load_dataset_records
+    from alignkit.train.common import eval_source
 
     if not data.path:
         raise ValueError("critic: set data.path to a file of critiques (see `alignkit critic --help`)")
     common = dict(format=None if data.format == "auto" else data.format, split=data.split, limit=data.limit or None,
                   shuffle=data.shuffle, seed=seed, strict=data.strict)
+    eval_path, eval_split = eval_source(data)
     train, evals, report = load_dataset_records(
-        data.path, eval_fraction=0.0 if data.eval_path else data.eval_fraction,
-        eval_size=None if data.eval_path or not data.eval_size else data.eval_size, **common)
+        data.path, eval_fraction=0.0 if eval_path else data.eval_fraction,
+        eval_size=None if eval_path or not data.eval_size else data.eval_size, **common)
     print(f"[alignkit] critic data:\n{report.summary()}")
-    if data.eval_path:
-        evals, _, eval_report = load_dataset_records(data.eval_path, **common)
+    if eval_path:
+        evals, _, eval_report = load_dataset_records(eval_path, **{**common, "split": eval_split})
         print(f"[alignkit] critic eval data:\n{eval_report.summary()}")
     if mix_path:
         mixed, _, mix_report = load_dataset_records(mix_path, **{**common, "format": None})

@@ -18,9 +18,9 @@ class EvalRMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The reward model directory (output of `alignkit rm`)."""
     data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False))
-    """Comparisons to evaluate on (any pairwise format)."""
+    """Comparisons to evaluate on (any pairwise format): `data.eval_path` / `data.eval_split` if set (the held-out data `alignkit rm` used), else `data.path`."""
     split_eval: bool = False
-    """Evaluate only the held-out part that `data.eval_fraction`/`eval_size` carves out (with `seed`), as `alignkit rm` did."""
+    """Evaluate only the held-out part of `data.path` that `data.eval_fraction`/`eval_size` carves out (with `seed`), as `alignkit rm` did."""
     seed: int = 0
     """Seed of the shuffle that made the train/eval split (must match the one `alignkit rm` used)."""
     batch_size: int = 16
@@ -35,8 +35,8 @@ class ScoreConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The reward model directory (output of `alignkit rm`)."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False, format="ratings"))
-    """Rows with `prompt` and `response` (a `score` field, if present, is ignored and kept as `label`)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False))
+    """Rows with `prompt` and `response` (a `score` field, if present, is not used: it is written out as `label`)."""
     batch_size: int = 32
     """Rows scored per forward pass."""
     output: str = "scores.jsonl"
@@ -48,14 +48,19 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.data.formats import DEFAULT_MARGIN_LABELS
     from alignkit.models.heads import ScalarHead
     from alignkit.models.loading import load_scalar_head_model, load_tokenizer
+    from alignkit.train.common import eval_source
     from alignkit.train.rm import calibrated, pairwise_metrics, score_pairs
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     head = ScalarHead(load_scalar_head_model(cfg.model, trainable=False))
     d = cfg.data
+    eval_path, eval_split = eval_source(d)
+    if eval_path and cfg.split_eval:
+        raise ValueError("eval-rm: split_eval=true carves the evaluation pairs out of data.path, and data.eval_path / "
+                         "eval_split name other ones: give only one")
     train, held, report = load_dataset_records(
-        d.path, format=None if d.format == "auto" else d.format, split=d.split, limit=d.limit or None,
-        shuffle=d.shuffle or cfg.split_eval, seed=cfg.seed,
+        eval_path or d.path, format=None if d.format == "auto" else d.format, split=eval_split or d.split,
+        limit=d.limit or None, shuffle=d.shuffle or cfg.split_eval, seed=cfg.seed,
         eval_fraction=d.eval_fraction if cfg.split_eval else 0.0,
         eval_size=(d.eval_size or None) if cfg.split_eval else None,
         margin_labels=d.margin_labels or None, strict=d.strict,
@@ -81,20 +86,30 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
 
 
 def run_score(cfg: ScoreConfig) -> Path:
-    from alignkit.data import load_dataset_records
+    from alignkit.data import RatedExample, ResponseExample, load_dataset_records
     from alignkit.rollout.rewards import RewardModel
 
+    d = cfg.data
+    if not d.path:
+        raise ValueError("score: set data.path to a file of (prompt, response) rows")
+    # Rows with and without a score may mix: the score is not used, only passed through as `label`.
+    records, _, report = load_dataset_records(d.path, format=None if d.format == "auto" else d.format,
+                                              split=d.split, limit=d.limit or None, shuffle=False, strict=d.strict,
+                                              kinds=(RatedExample, ResponseExample))
+    wrong = sorted({type(r).__name__ for r in records} - {"RatedExample", "ResponseExample"})
+    if wrong:
+        raise ValueError(f"score: {d.path} is format '{report.format}', which gives {', '.join(wrong)} records; `alignkit "
+                         "score` scores rows with `prompt` and `response` (formats response, or ratings whose score is "
+                         "passed through as `label`)")
+    print(report.summary())
     rm = RewardModel(cfg.model.path, batch_size=cfg.batch_size,
                      max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    d = cfg.data
-    records, _, report = load_dataset_records(d.path, format=None if d.format == "auto" else d.format,
-                                              split=d.split, limit=d.limit or None, shuffle=False)
-    print(report.summary())
     scores = rm([r.prompt for r in records], [r.response for r in records]) if records else torch.zeros(0)
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:
         for r, s in zip(records, scores.tolist()):
-            f.write(json.dumps({"prompt": r.prompt, "response": r.response, "score": s, "label": r.score, "source": r.source}) + "\n")
+            label = r.score if isinstance(r, RatedExample) else None
+            f.write(json.dumps({"prompt": r.prompt, "response": r.response, "score": s, "label": label, "source": r.source}) + "\n")
     print(f"[alignkit] wrote {len(records)} scores to {out} (mean {float(scores.mean()) if len(scores) else float('nan'):.4f})")
     return out

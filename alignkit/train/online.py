@@ -143,25 +143,12 @@ class OnlineResult:
 # --------------------------------------------------------------------------------------------
 
 
-def load_prompts(data: DataConfig, seed: int = 0) -> list[Messages]:
+def load_prompts(data: DataConfig, seed: int = 0, tokenizer=None) -> list[Messages]:
     """The distinct prompts of ``data.path``, in file order; any format with a prompt will do
-    (SFT, pairwise, HH, ranked, ratings, unpaired): only the prompts are used."""
-    from alignkit.data import load_dataset_records
+    (prompt-only, SFT, pairwise, HH, ranked, ratings, unpaired): only the prompts are used."""
+    from alignkit.train.common import prepare_prompts
 
-    if not data.path:
-        raise ValueError("set data.path to a file of prompts (any format with a prompt), or pass prompts in Python")
-    records, _, _ = load_dataset_records(
-        data.path, format=None if data.format == "auto" else data.format, split=data.split,
-        limit=data.limit or None, shuffle=False, seed=seed, strict=data.strict,
-    )
-    seen, prompts = set(), []
-    for r in records:
-        key = tuple((m["role"], m["content"]) for m in r.prompt)
-        if key not in seen:  # the pairs of one ranking share a prompt: sample it once
-            seen.add(key)
-            prompts.append(r.prompt)
-    print(f"[alignkit] {len(prompts)} distinct prompts from {data.path}")
-    return prompts
+    return prepare_prompts(data, tokenizer)  # prints the read/kept/skipped/truncated report
 
 
 def rollout_prompt_indices(n_prompts: int, per_rollout: int, seed: int, k: int) -> list[int]:

@@ -217,7 +217,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     cfg.validate()
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed)
+    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
     reward = build_reward(cfg.reward, reward)
     if cost is None and cfg.cost_model:
         cost = RewardModel(cfg.cost_model, name="cost")

@@ -83,7 +83,7 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
     cfg.validate()
     seed_everything(cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed)
+    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
     reward = build_reward(cfg.reward, reward)
     policy = load_causal_lm(cfg.model)
     n = cfg.num_samples

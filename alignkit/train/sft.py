@@ -95,11 +95,9 @@ def run_sft(cfg: SFTConfig):
 
 
 def text_items(tokenizer, texts: list[str], max_length: int = 256) -> list[dict]:
-    """Plain-text items for causal-LM training on every token (pretraining, PPO-ptx): each text
-    followed by EOS, cut to ``max_length`` tokens. Same item shape as SFT items, so the same
-    collate and loss apply; only the first token has no label (nothing predicts it)."""
-    items = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
-        items.append({"input_ids": ids, "labels": [-100] + ids[1:], "length": len(ids)})
-    return items
+    """Plain-text items for causal-LM training on every token (pretraining, PPO-ptx): the data
+    layer's ``text`` format (each text followed by EOS, cut to ``max_length`` tokens). Same item
+    shape as SFT items, so the same collate and loss apply."""
+    from alignkit.data import TextExample, tokenize_records
+
+    return tokenize_records([TextExample(t) for t in texts], tokenizer, max_length=max_length)[0]
