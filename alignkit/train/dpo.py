@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data.prefix_sharing import response_logps
+from alignkit.data.prefix_sharing import response_sums
 from alignkit.losses import PREFERENCE_LOSSES, preference_loss
-from alignkit.models.heads import forward_logps, lm_forward
+from alignkit.models.heads import forward_logps, position_logps
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
 from alignkit.train.common import (
@@ -121,7 +121,8 @@ def packed_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 def prefix_shared_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
-    return response_logps(lm_forward(model, batch).logits, batch)  # (2B,), (2B,)
+    logps = position_logps(model, batch, batch["logit_index"], batch["target_ids"]).logps  # (M,) response tokens
+    return response_sums(logps, batch)  # (2B,), (2B,)
 
 
 @dataclass(frozen=True)
