@@ -169,7 +169,7 @@ def _mm_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
 
 def linear_logps(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,
                  softcap: float | None = None, scale: float = 1.0, temperature: float = 1.0,
-                 entropy: bool = False, chunk_elements: int = CHUNK_ELEMENTS) -> LinearLogps:
+                 entropy: bool = False, chunk_elements: int | None = None) -> LinearLogps:
     """log π(y_n) = log_softmax(u_n)[y_n] with u_n = scale · softcap(W h_n + b) / τ, row by row,
     without ever holding the ``(N, V)`` scores (nor their gradient).
 
@@ -184,7 +184,8 @@ def linear_logps(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor |
         scale: factor on the (capped) logits (Cohere's ``logit_scale``; 1/``logits_scaling`` for Granite).
         temperature: τ dividing the scores last (the distribution a sampler drew from).
         entropy: also return the entropy of each row's distribution.
-        chunk_elements: rows per chunk × V stays below this (memory of the working buffers).
+        chunk_elements: rows per chunk × V stays at most this (the working buffers' size);
+            None: :data:`CHUNK_ELEMENTS`.
 
     Returns:
         :class:`LinearLogps` ``(logps (N,), entropy (N,) or None)``, float32 for half-precision
@@ -200,7 +201,7 @@ def linear_logps(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor |
     mm_dtype = _mm_dtype(hidden, weight)
     spec = _Spec(softcap=softcap, scale=float(scale), temperature=float(temperature), mm_dtype=mm_dtype,
                  out_dtype=torch.float32 if mm_dtype in (torch.float16, torch.bfloat16) else mm_dtype,
-                 device_type=hidden.device.type, rows=max(1, chunk_elements // max(weight.shape[0], 1)),
+                 device_type=hidden.device.type, rows=max(1, (chunk_elements or CHUNK_ELEMENTS) // max(weight.shape[0], 1)),
                  entropy=entropy)
     out = _LinearLogpsFunction.apply(hidden, weight, bias, targets.long(), spec)
     return LinearLogps(*out) if entropy else LinearLogps(out, None)

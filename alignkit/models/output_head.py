@@ -107,8 +107,8 @@ def head_refusal(model) -> str | None:
                 f"({', '.join(sorted(HEADS))})")
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear:
-        return (f"its output head is a {type(head).__name__}, not a plain torch.nn.Linear (LoRA or modules_to_save "
-                "on the head, or a quantised head)")
+        return (f"its output head is a {type(head).__module__}.{type(head).__name__}, not a plain torch.nn.Linear "
+                "(LoRA or modules_to_save on the head, or a quantised head)")
     w = head.weight
     if (type(w.data) is not torch.Tensor or not w.is_floating_point() or w.dim() != 2 or w.numel() == 0
             or hasattr(w, "ds_id")):

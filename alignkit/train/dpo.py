@@ -41,7 +41,8 @@ from alignkit.models.heads import forward_logps, position_logps
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
 from alignkit.train.common import (
-    PAIR_COLLATES, check_batching, check_reference_choice, prepare_data, resolve_pair_batching, seed_everything,
+    PAIR_COLLATES, check_batching, check_reference_choice, choose_logps_path, prepare_data, resolve_pair_batching,
+    seed_everything,
 )
 from alignkit.train.loop import Task, Trainer, make_accelerator
 
@@ -315,6 +316,7 @@ def run_dpo(cfg: DPOConfig):
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("PreferencePair",), name="dpo")
     policy = load_causal_lm(cfg.model)
+    choose_logps_path(policy, cfg.run.logps_path)
     accelerator = make_accelerator(cfg.run, model=policy)
     policy = policy.to(accelerator.device)
     task, reference = build_dpo_task(cfg, policy, data.train, data.eval, tokenizer.pad_token_id, accelerator)
