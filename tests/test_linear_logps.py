@@ -404,7 +404,7 @@ def test_critic_loss_and_eval_helpers_equal_on_both_paths(path, small_chunks):
 # ---- which path, and why ------------------------------------------------------------------------
 
 
-def test_auto_takes_the_full_logits_where_the_head_cannot_be_split_off(path):
+def test_auto_takes_the_full_logits_where_the_head_cannot_be_split_off(path, caplog):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -431,8 +431,12 @@ def test_auto_takes_the_full_logits_where_the_head_cannot_be_split_off(path):
     quantised.lm_head.__class__ = Linear8bit
     assert "output head is a test_linear_logps.Linear8bit" in logps_path(quantised)[1]
     partitioned = copy.deepcopy(_lm("llama"))
+    set_logps_path(partitioned, "auto")  # announced chunked; then partitioned (as ZeRO-3 does when it wraps it)
     partitioned.lm_head.weight.ds_id = 3
-    assert "quantised or sharded" in logps_path(partitioned)[1]
+    with caplog.at_level("WARNING", logger="alignkit.models.output_head"):
+        assert "quantised or sharded" in logps_path(partitioned)[1]
+        logps_path(partitioned)
+    assert [r.getMessage()[:54] for r in caplog.records] == ["log-probs: full from now on, not chunked as announced "]
     # and the full path still gives the same numbers as the chunked one on the plain model
     batch = _sft_batch()
     with torch.no_grad():

@@ -31,6 +31,7 @@ Every family of the table is tested equal to the full-logits path, values and gr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,9 @@ HEADS: dict[str, HeadRule] = {
 #: ``run.logps_path`` values: auto (chunked where :func:`head_refusal` allows, else full), or forced.
 LOGPS_PATHS = ("auto", "chunked", "full")
 _OPTION = "alignkit_logps_path"  # attribute of the transformers model holding its run.logps_path
+_ANNOUNCED = "alignkit_logps_announced"  # the path set_logps_path printed
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ def set_logps_path(model, option: str) -> str:
         raise ValueError(f"run.logps_path must be one of {', '.join(LOGPS_PATHS)}; got {option!r}")
     setattr(unwrap(model), _OPTION, option)
     path, why = logps_path(model)
+    setattr(unwrap(model), _ANNOUNCED, path)
     return f"log-probs: {path} ({why})"
 
 
@@ -156,4 +161,8 @@ def logps_path(model) -> tuple[str, str]:
                            "in chunks; no (B, T, V) logits are held")
     if option == "chunked":
         raise ValueError(f"run.logps_path=chunked cannot be served: {reason}; use run.logps_path=auto or full")
-    return "full", f"the output head cannot be split off: {reason}"
+    why = f"the output head cannot be split off: {reason}"
+    if getattr(unwrap(model), _ANNOUNCED, None) == "chunked":  # e.g. FSDP wrapped it after start-up
+        log.warning("log-probs: full from now on, not chunked as announced (%s)", why)
+        setattr(unwrap(model), _ANNOUNCED, "full")
+    return "full", why
