@@ -163,9 +163,10 @@ class _LinearLogpsFunction(torch.autograd.Function):
 def _mm_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
     """The dtype ``F.linear(hidden, weight)`` computes in here: autocast's, or the inputs' common one."""
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type) and hidden.is_floating_point():
+    common = torch.promote_types(hidden.dtype, weight.dtype)
+    if torch.is_autocast_enabled(device_type) and common != torch.float64:  # autocast leaves float64 alone
         return torch.get_autocast_dtype(device_type)
-    return torch.promote_types(hidden.dtype, weight.dtype)
+    return common
 
 
 def linear_logps(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Tensor | None = None, *,

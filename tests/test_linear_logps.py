@@ -121,6 +121,10 @@ def test_op_under_bf16_autocast_matches_the_autocast_logits():
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=0)
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, atol=2e-2 * float(w.abs().max()), rtol=0)
+    hidden, weight, _, targets, _ = _inputs(N=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone, as F.linear does
+        got64 = linear_logps(hidden, weight, targets).logps
+    torch.testing.assert_close(got64, _naive(hidden, weight, targets)[0], atol=1e-10, rtol=0)
 
 
 def _largest_saved(fn) -> int:
@@ -433,6 +437,7 @@ def test_auto_takes_the_full_logits_where_the_head_cannot_be_split_off(path, cap
     partitioned = copy.deepcopy(_lm("llama"))
     set_logps_path(partitioned, "auto")  # announced chunked; then partitioned (as ZeRO-3 does when it wraps it)
     partitioned.lm_head.weight.ds_id = 3
+    caplog.clear()
     with caplog.at_level("WARNING", logger="alignkit.models.output_head"):
         assert "quantised or sharded" in logps_path(partitioned)[1]
         logps_path(partitioned)
