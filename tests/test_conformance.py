@@ -17,6 +17,10 @@ functions and batch functions (the ones the trainers run):
 against the same quantities summed over one unpadded forward per sequence. Float64 models, so
 "equal" means 1e-5 absolute (float32 cannot resolve 1e-5 on sums near −100).
 
+The SFT and DPO log-probs take the chunked path (hidden states through the output head a few
+rows at a time, custom backward: alignkit/linear_logps.py) on every family here; the tests
+assert it, and the chunks are made 4 rows long so that every batch spans several of them.
+
 The windows are small (8 tokens) and most sequences longer, so a dropped window shows (0.1–0.4
 nats before the fix). Lengths within a padded batch differ by less than the window: a padding
 query more than a window past its row's last real token sees no key at all, and in float64
@@ -34,7 +38,9 @@ import torch
 from alignkit.data import collate_pairs
 from alignkit.losses import pairwise_rm_loss
 from alignkit.models.heads import ScalarHead, head_outputs, sequence_rewards
+from alignkit import linear_logps
 from alignkit.models.masks import FAMILIES
+from alignkit.models.output_head import logps_path
 from alignkit.train.common import PAIR_COLLATES, check_batching
 from alignkit.train.dpo import BATCHINGS, DPOConfig, dpo_batch_loss, dpo_losses
 from alignkit.train.rm import pairwise_batch_loss
@@ -164,9 +170,21 @@ def _reference(family: str, attention: str, what: str):
 GRAD_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def chunked(monkeypatch):
+    """The log-probs of ``model`` take the chunked path, 4 rows per chunk."""
+    monkeypatch.setattr(linear_logps, "CHUNK_ELEMENTS", 4 * V)
+
+    def check(model):
+        assert logps_path(model)[0] == "chunked", logps_path(model)
+
+    return check
+
+
 @pytest.mark.parametrize("family,attention,batching", _cases(DECODERS, list(BATCHINGS)))
-def test_dpo_logps_and_gradients(family, attention, batching):
+def test_dpo_logps_and_gradients(family, attention, batching, chunked):
     model = _get(family, "lm", attention)
+    chunked(model)
     check_batching(batching, model)  # accepted at start-up ...
     b = BATCHINGS[batching]
     batch = b.collate(PAIRS, PAD)
@@ -200,8 +218,9 @@ def test_reward_model_rewards_and_gradients(family, attention, batching):
 
 
 @pytest.mark.parametrize("family,attention,batching", _cases(DECODERS, ["padded", "padding_free"]))
-def test_sft_nll_and_gradients(family, attention, batching):
+def test_sft_nll_and_gradients(family, attention, batching, chunked):
     model = _get(family, "lm", attention)
+    chunked(model)
     check_batching(batching, model)
     task = build_sft_task(SFT_ITEMS, [], PAD, padding_free=batching == "padding_free")
     batch = task.collate(SFT_ITEMS)

@@ -103,5 +103,42 @@ def test_the_loop_logs_mfu_when_a_peak_is_known(tiny_dir, tiny_tokenizer, tmp_pa
         set_peak(None)
     row = result.history[-1]
     assert row["flops_per_s"] > 0 and 0 < row["mfu"] < 1
-    expected = sum(FlopCounter(_model(tiny_dir))(task.collate(items[i : i + 4])) for i in (0, 4))
+    counter = FlopCounter(_model(tiny_dir))  # a fresh model: every token through the head
+
+    def step_flops(batch):  # the chunked log-probs ran the head at the label positions only
+        rows = int((batch["labels"][:, 1:] != -100).sum())
+        return counter(batch) - 6 * counter.n_head * (real_tokens(batch) - rows)
+
+    expected = sum(step_flops(task.collate(items[i : i + 4])) for i in (0, 4))
     assert abs(result.flops_per_s * result.wall_s - expected) < 1e-6 * expected
+
+
+def test_chunked_log_probs_count_the_head_at_the_label_rows_only(tiny_dir):
+    """The chunked path runs the output head (V·H) on the label positions only: the counter leaves
+    the other rows' 6·V·H out. The head's matmuls per label row are 2·V·H forward and, backward,
+    2·V·H recomputing the logits (not model FLOPs, like activation checkpointing), 2·V·H for the
+    hidden-state gradient and 2·V·H for the weight gradient; PyTorch's counter has no formula for
+    the in-place ``addmm_`` that accumulates the last one, so it sees exactly the model FLOPs."""
+    from alignkit.models.heads import forward_logps
+
+    model = _model(tiny_dir)
+    model.config._attn_implementation = "eager"
+    B, T = 3, 12
+    ids = torch.randint(4, model.config.vocab_size, (B, T))
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompts
+    labels[2, 9:] = -100  # padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "labels": labels}
+    rows = int((labels[:, 1:] != -100).sum())
+    with FlopCounterMode(display=False) as counter:
+        logps, mask = forward_logps(model, batch)
+        logps.sum().backward()
+    by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    matmuls = sum(n for op, n in by_op.items() if op.split(".")[-1] in ("mm", "addmm"))
+    c = FlopCounter(model)
+    VH = model.get_output_embeddings().weight.numel()
+    assert model.last_head_rows == rows and c.n_head == VH
+    assert "aten.addmm_" not in by_op
+    recompute, unseen_weight_grad = 2 * VH * rows, 2 * VH * rows
+    assert c(batch) - 12 * c.layers * c.width * attention_pairs(batch) + recompute == matmuls + unseen_weight_grad
+    assert c(batch) < 6 * c.n * B * T + 12 * c.layers * c.width * attention_pairs(batch)

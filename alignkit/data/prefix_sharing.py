@@ -27,7 +27,9 @@ Log-probs cannot come from the usual "position t predicts token t+1" shift, beca
 rejected token is predicted by the LAST PROMPT TOKEN (row index P−1), not by the token before it
 in the row (the chosen EOS). So the batch carries, for every response token, the flat index of
 the position whose logits predict it (``logit_index``), the token (``target_ids``) and which
-sequence it belongs to (``target_seq``); :func:`response_logps` gathers and sums them.
+sequence it belongs to (``target_seq``). DPO reads the log-probs at those positions only
+(:func:`alignkit.models.heads.position_logps`) and :func:`response_sums` sums them per response;
+:func:`response_logps` does both from a model's full logits.
 
 Layouts (both give the same log-probs):
 
@@ -155,7 +157,7 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
 
 
 def response_logps(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Sequence log-probs of the 2B responses of a prefix-shared batch.
+    """Sequence log-probs of the 2B responses of a prefix-shared batch, from the model's logits.
 
     Args:
         logits: ``(R, T, V)`` of the model run on ``input_ids`` with the batch's
@@ -166,9 +168,15 @@ def response_logps(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Te
         ``(logps (2B,), counts (2B,))``: Σ_t log π(y_t | x, y_<t) of each response (chosen block
         then rejected block) and its number of tokens (float).
     """
-    n_seq = 2 * batch["margin"].shape[0]
     picked = logits.flatten(0, 1)[batch["logit_index"]]  # (M, V): the rows predicting each response token
-    logps = token_logps(picked[None], batch["target_ids"][None])[0]  # (M,)
+    return response_sums(token_logps(picked[None], batch["target_ids"][None])[0], batch)
+
+
+def response_sums(logps: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(logps (2B,), counts (2B,))`` of a prefix-shared batch from the log-probs ``(M,)`` of its
+    response tokens (in ``target_ids`` order; e.g. read at ``logit_index`` by
+    :func:`alignkit.models.heads.position_logps`)."""
+    n_seq = 2 * batch["margin"].shape[0]
     seq = batch["target_seq"]
     sums = logps.new_zeros(n_seq).index_add(0, seq, logps)  # (2B,)
     counts = logps.new_zeros(n_seq).index_add(0, seq, torch.ones_like(logps))  # (2B,)

@@ -1,6 +1,11 @@
 """Forward passes that every trainer shares: per-token log-probs of a causal LM, and the scalar
 head's outputs (rewards at the last token, values at every token) of a reward/value model.
 
+Log-probs are read at the label positions only, from the last hidden states through the output
+head in chunks (no ``(B, T, V)`` logits: :mod:`alignkit.linear_logps`), or from the model's full
+logits where the head cannot be split off or ``run.logps_path=full``
+(:mod:`alignkit.models.output_head` says which and why).
+
 They accept padded batches (2-D ``attention_mask``), packed padding-free rows (``position_ids``
 restarting per sequence, no mask) and prefix-shared rows (a 4-D bool layout), so trainers don't
 care which one the collator made: :func:`alignkit.models.masks.attention_inputs` turns the layout
@@ -10,12 +15,14 @@ into what the model's attention implementation takes.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from alignkit.models.masks import attention_inputs, pools_sequences
-from alignkit.ops import token_logps
+from alignkit.models.masks import attention_inputs, pools_sequences, unwrap
+from alignkit.models.output_head import logps_path, output_head
+from alignkit.ops import entropy_from_logits, token_logps
 
 
 def _unwrap(model):
@@ -23,22 +30,88 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def lm_forward(model, batch: dict):
+def lm_forward(model, batch: dict, **kwargs):
     """``model``'s output on a batch of any layout (padded, packed or prefix-shared)."""
-    return model(input_ids=batch["input_ids"], **attention_inputs(model, batch), use_cache=False)
+    return model(input_ids=batch["input_ids"], **attention_inputs(model, batch), use_cache=False, **kwargs)
+
+
+class PositionLogps(NamedTuple):
+    """What :func:`position_logps` returns."""
+
+    logps: Tensor
+    """(N,) log π(y_n | context of position n), at the temperature asked for."""
+    entropy: Tensor | None
+    """(N,) entropy of π(· | context of position n) at that temperature, or None."""
+    output: object
+    """The model's own output (on the chunked path its ``logits`` are empty, ``(B, 0, V)``)."""
+
+
+class _head_input:
+    """Context manager: while the whole model runs (so wrappers such as peft and DDP see the call
+    they expect, and synchronise gradients), catch what its output head receives, the last hidden
+    states ``(B, T, H)``, and pass the head an empty slice ``(B, 0, H)`` instead: the model then
+    computes no logits at all (its output's ``logits`` are ``(B, 0, V)``)."""
+
+    def __init__(self, lm):
+        self.head, self.hidden = lm.get_output_embeddings(), None
+
+    def _catch(self, module, args):
+        self.hidden = args[0]
+        return (args[0][..., :0, :], *args[1:])  # (B, 0, H)
+
+    def __enter__(self):
+        self.handle = self.head.register_forward_pre_hook(self._catch)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
+
+
+def position_logps(model, batch: dict, index: Tensor, targets: Tensor, *, temperature: float = 1.0,
+                   entropy: bool = False, **forward_kwargs) -> PositionLogps:
+    """log π of ``targets (N,)``, each predicted at a position ``index (N,)`` (flat indices into
+    the ``(B·T)`` positions of ``batch``, any layout), optionally divided by a sampling
+    ``temperature`` and with the entropy of each position's distribution.
+
+    One forward of ``model``. On the chunked path (:func:`alignkit.models.output_head.logps_path`)
+    the head runs on the N positions only, chunk by chunk, and no ``(B, T, V)`` logits exist; on
+    the full path the model's logits are read at those positions. Both give the same numbers and
+    gradients up to float rounding (tests/test_linear_logps.py).
+    """
+    lm = unwrap(model)
+    path, _ = logps_path(model)
+    if path == "chunked":
+        with _head_input(lm) as caught:
+            out = lm_forward(model, batch, **forward_kwargs)
+        hidden = caught.hidden.flatten(0, 1)[index]  # (N, H) the rows that predict a target
+        logps, ent = output_head(model).logps(hidden, targets, temperature, entropy)
+        if torch.is_grad_enabled():
+            lm.last_head_rows = int(index.numel())
+        return PositionLogps(logps, ent, out)
+    out = lm_forward(model, batch, **forward_kwargs)
+    logits = out.logits.flatten(0, 1)[index]  # (N, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    ent = entropy_from_logits(logits[None])[0] if entropy else None
+    if torch.is_grad_enabled():
+        lm.last_head_rows = None
+    return PositionLogps(token_logps(logits[None], targets[None])[0], ent, out)
 
 
 def forward_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
     """Per-token log π(y_t | y_<t) of the label tokens.
 
     Returns ``(logps, mask)``, both ``(B, T-1)``: position t scores token t+1; mask is 1 where a
-    label exists (response tokens; -100 labels are prompt or padding).
+    label exists (response tokens; -100 labels are prompt or padding), and logps is 0 elsewhere
+    (those positions are not computed).
     """
-    out = lm_forward(model, batch)
     labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
-    logits = out.logits[:, :-1]  # (B, T-1, V)
     mask = labels != -100
-    return token_logps(logits, labels.masked_fill(~mask, 0)) * mask, mask
+    rows, cols = mask.nonzero(as_tuple=True)  # (N,) each, row-major: the order of labels[mask]
+    index = rows * batch["input_ids"].shape[1] + cols  # (N,) flat into the (B·T) positions
+    logps = position_logps(model, batch, index, labels[mask]).logps  # (N,)
+    return logps.new_zeros(mask.shape).index_put((rows, cols), logps), mask  # (B, T-1)
 
 
 class ScalarHead(torch.nn.Module):

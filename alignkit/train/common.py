@@ -13,6 +13,7 @@ from alignkit.config import DataConfig
 from alignkit.data.collate import collate_pairs, pack_pairs
 from alignkit.data.prefix_sharing import collate_prefix_shared
 from alignkit.models.masks import batching_refusal
+from alignkit.models.output_head import set_logps_path
 
 
 def seed_everything(seed: int) -> None:
@@ -176,6 +177,14 @@ def check_batching(batching: str, model) -> None:
     reason = batching_refusal(batching, model)
     if reason is not None:
         raise ValueError(reason)
+
+
+def choose_logps_path(model, option: str) -> None:
+    """Apply ``run.logps_path`` (auto, chunked, full) to ``model`` (and the copies made of it
+    later, such as a frozen reference) and print which path its log-probs take and why; a forced
+    ``chunked`` that the model cannot take is refused here, before training
+    (rules in :mod:`alignkit.models.output_head`)."""
+    print(f"[alignkit] {set_logps_path(model, option)}")
 
 
 def check_reference_choice(reference: str, lora: bool) -> None:

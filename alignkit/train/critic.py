@@ -324,7 +324,7 @@ def run_critic(cfg: CriticConfig):
     from alignkit.data import tokenize_records
     from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
     from alignkit.rollout.critique import CritiqueReward
-    from alignkit.train.common import check_batching, seed_everything
+    from alignkit.train.common import check_batching, choose_logps_path, seed_everything
     from alignkit.train.loop import Trainer
     from alignkit.train.sft import build_sft_task
 
@@ -350,6 +350,7 @@ def run_critic(cfg: CriticConfig):
     model = load_causal_lm(cfg.model)
     if added:
         model.resize_token_embeddings(len(tokenizer))  # the new rows are learned with the rest
+    choose_logps_path(model, cfg.run.logps_path)
     if cfg.run.padding_free and cfg.verdict_weight != 1.0:
         raise ValueError("critic: run.padding_free needs verdict_weight=1 (the verdict weights need padded batches)")
     if cfg.run.padding_free:

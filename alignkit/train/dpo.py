@@ -35,13 +35,14 @@ import torch
 from torch import Tensor
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.data.prefix_sharing import response_logps
+from alignkit.data.prefix_sharing import response_sums
 from alignkit.losses import PREFERENCE_LOSSES, preference_loss
-from alignkit.models.heads import forward_logps, lm_forward
+from alignkit.models.heads import forward_logps, position_logps
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
 from alignkit.train.common import (
-    PAIR_COLLATES, check_batching, check_reference_choice, prepare_data, resolve_pair_batching, seed_everything,
+    PAIR_COLLATES, check_batching, check_reference_choice, choose_logps_path, prepare_data, resolve_pair_batching,
+    seed_everything,
 )
 from alignkit.train.loop import Task, Trainer, make_accelerator
 
@@ -121,7 +122,8 @@ def packed_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
 
 
 def prefix_shared_logps(model, batch: dict) -> tuple[Tensor, Tensor]:
-    return response_logps(lm_forward(model, batch).logits, batch)  # (2B,), (2B,)
+    logps = position_logps(model, batch, batch["logit_index"], batch["target_ids"]).logps  # (M,) response tokens
+    return response_sums(logps, batch)  # (2B,), (2B,)
 
 
 @dataclass(frozen=True)
@@ -314,6 +316,7 @@ def run_dpo(cfg: DPOConfig):
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("PreferencePair",), name="dpo")
     policy = load_causal_lm(cfg.model)
+    choose_logps_path(policy, cfg.run.logps_path)
     accelerator = make_accelerator(cfg.run, model=policy)
     policy = policy.to(accelerator.device)
     task, reference = build_dpo_task(cfg, policy, data.train, data.eval, tokenizer.pad_token_id, accelerator)

@@ -91,7 +91,11 @@ class FlopCounter:
 
     A reward model that read a few positions ran its last MLP and its head on those rows only
     (:class:`alignkit.models.heads.ScalarHead` sets ``last_mlp_rows``): the
-    6·(N_mlp + d)·(tokens − rows) FLOPs it skipped are not counted.
+    6·(N_mlp + d)·(tokens − rows) FLOPs it skipped are not counted. Likewise a causal LM whose
+    log-probs took the chunked path ran its output head (V·H weights) on the label positions
+    only (:func:`alignkit.models.heads.position_logps` sets ``last_head_rows``): the
+    6·V·H·(tokens − rows) FLOPs of the others are not counted (nor, as for activation
+    checkpointing, the head's recomputation in the backward pass).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -99,10 +103,14 @@ class FlopCounter:
         self.n = matmul_params(model)
         self.layers, self.width = attention_shape(model)
         from alignkit.models.heads import ScalarHead, last_mlp, scalar_head_backbone
+        from alignkit.models.masks import unwrap
 
         mlp = last_mlp(scalar_head_backbone(model)) if isinstance(model, ScalarHead) else None
         # rows a reward read skips go through neither the last MLP nor the one-output head
         self.n_last_mlp = matmul_params(mlp) + model.model.config.hidden_size if mlp is not None else 0
+        self.lm = unwrap(model)
+        head = self.lm.get_output_embeddings() if hasattr(self.lm, "get_output_embeddings") else None
+        self.n_head = head.weight.numel() if isinstance(head, torch.nn.Linear) else 0
 
     def __call__(self, batch: dict) -> float:
         tokens = real_tokens(batch)
@@ -110,6 +118,9 @@ class FlopCounter:
         rows = getattr(self.model, "last_mlp_rows", None)
         if rows is not None:
             flops -= 6.0 * self.n_last_mlp * max(tokens - rows, 0)
+        head_rows = getattr(self.lm, "last_head_rows", None)
+        if head_rows is not None:
+            flops -= 6.0 * self.n_head * max(tokens - head_rows, 0)
         return flops
 
 

@@ -37,7 +37,7 @@ from alignkit.losses import kto_kl_reference_point, kto_loss
 from alignkit.models.heads import forward_logps
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import sequence_logps
-from alignkit.train.common import check_reference_choice, prepare_data, seed_everything
+from alignkit.train.common import check_reference_choice, choose_logps_path, prepare_data, seed_everything
 from alignkit.train.loop import Task, Trainer, make_accelerator
 
 
@@ -259,6 +259,7 @@ def run_kto(cfg: KTOConfig):
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("UnpairedExample", "PreferencePair"), name="kto")
     policy = load_causal_lm(cfg.model)
+    choose_logps_path(policy, cfg.run.logps_path)
     accelerator = make_accelerator(cfg.run, model=policy)
     policy = policy.to(accelerator.device)
     task, reference = build_kto_task(cfg, policy, data.train, data.eval, tokenizer.pad_token_id, accelerator)

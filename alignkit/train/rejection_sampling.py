@@ -25,7 +25,7 @@ from alignkit.data import IGNORE_INDEX
 from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
 from alignkit.rollout.generate import Generations, HFGenerator, SamplingConfig
 from alignkit.rollout.rewards import RewardSource
-from alignkit.train.common import seed_everything
+from alignkit.train.common import choose_logps_path, seed_everything
 from alignkit.train.loop import Trainer
 from alignkit.train.online import OnlineResult, RewardConfig, build_reward, load_prompts, score_responses
 from alignkit.train.progress import MetricsWriter
@@ -86,6 +86,7 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
     prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
     reward = build_reward(cfg.reward, reward)
     policy = load_causal_lm(cfg.model)
+    choose_logps_path(policy, cfg.run.logps_path)  # the fine-tuning steps' log-probs
     n = cfg.num_samples
     writer_run = replace(cfg.run, report_to="jsonl")  # each round's Trainer reports to the trackers
     history, acc = [], None

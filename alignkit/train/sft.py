@@ -18,7 +18,7 @@ import torch
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.models.heads import forward_logps
 from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
-from alignkit.train.common import check_batching, prepare_data, seed_everything
+from alignkit.train.common import check_batching, choose_logps_path, prepare_data, seed_everything
 from alignkit.train.loop import Task, Trainer
 
 
@@ -86,6 +86,7 @@ def run_sft(cfg: SFTConfig):
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("SFTExample",), name="sft")
     model = load_causal_lm(cfg.model)
     check_batching("padding_free" if cfg.run.padding_free else "padded", model)
+    choose_logps_path(model, cfg.run.logps_path)
     task = build_sft_task(data.train, data.eval, tokenizer.pad_token_id, cfg.run.padding_free)
     trainer = Trainer(model, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
