@@ -65,14 +65,15 @@ def describe(config: dict) -> str:
     return f"a {kind} model ({arch}) with no reward head"
 
 
-def check_reward_model_config(config: dict, path: str, role: str = "reward model") -> None:
-    """Refuse ``path`` as a ``role`` unless its config marks a reward model or a one-output classifier."""
+def check_reward_model_config(config: dict, path: str, role: str = "a reward model") -> None:
+    """Refuse ``path`` as ``role`` (e.g. "the reward model 'helpful'") unless its config marks a
+    reward model or a one-output classifier."""
     if is_marked_reward_model(config):
         return
     arch = _architecture(config)
     if arch.endswith("ForSequenceClassification") and num_labels(config) == 1:
         return  # a reward model from elsewhere; the load checks that its head is in the checkpoint
     raise ModelLoadError(
-        f"{path} was given as a {role}, but it is {describe(config)}. A {role} must be the output of "
+        f"{path} was given as {role}, but it is {describe(config)}. Reward and cost models must be the output of "
         f"`alignkit rm` (train one from this model: `alignkit rm model.path={path} data.path=COMPARISONS`) "
         "or a one-output *ForSequenceClassification reward model.")

@@ -54,29 +54,30 @@ def _resolve_dtype(name: str) -> torch.dtype:
     if name == "float16" and not _has_accelerator():
         # Measured: `alignkit sft model.dtype=float16` on a CPU saved an all-NaN model after one step.
         raise ModelLoadError(
-            "model.dtype=float16 on a CPU is refused: float16 weights cannot be trained (AdamW's ε=1e-8 is 0 in "
-            "float16, so every weight with a zero gradient becomes NaN at the first step) and CPUs have no fast "
-            "float16 arithmetic. Use model.dtype=bfloat16 (half the memory, float32's range) or float32 (model.dtype=auto).")
+            "model.dtype=float16 on a CPU is refused: float16 weights cannot be trained (AdamW's ε=1e-8 and small "
+            "squared gradients are 0 in float16, so its first step divides by 0 and weights become inf or NaN) and "
+            "CPUs have no fast float16 arithmetic. Use model.dtype=bfloat16 (half the memory, float32's range) or float32 (model.dtype=auto).")
     return _DTYPES[name]
 
 
 def check_float16(model, cfg: ModelConfig) -> None:
     """Refuse trainable float16 parameters (on any device).
 
-    AdamW divides by √v̂ + ε with ε = 1e-8, which rounds to 0 in float16: a parameter whose gradient
-    is exactly 0 (the embedding rows of tokens absent from the batch) gets 0/0 = NaN at the first
-    step, and the NaN spreads to every weight. Loss scaling cannot help (it scales gradients, not
-    the optimizer's arithmetic); what works is float32 master weights with float16 compute, which is
-    ``run.mixed_precision=fp16``. A frozen float16 base under float32 LoRA adapters is fine.
+    AdamW divides by √v̂ + ε with ε = 1e-8, which rounds to 0 in float16, as does v̂ = (1−β₂)·g² for
+    gradients below ~1e-3: the first step divides by 0 (measured: the tiny model's embeddings all
+    ±inf after one step, NaN where a gradient is exactly 0), and the damage spreads to every weight.
+    Loss scaling cannot help (it scales gradients, not the optimizer's arithmetic); what works is
+    float32 master weights with float16 compute, which is ``run.mixed_precision=fp16``. A frozen
+    float16 base under float32 LoRA adapters is fine.
     """
     if cfg.dtype != "float16":
         return
     half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
     if half:
         raise ModelLoadError(
-            f"model.dtype=float16 would train {len(half)} float16 parameters (e.g. {half[0]}): AdamW's ε=1e-8 is 0 "
-            "in float16, so any weight with a zero gradient becomes NaN at the first step. Use model.dtype=bfloat16, "
-            "or float32 weights (model.dtype=auto) with run.mixed_precision=fp16 on a GPU (float16 compute, float32 "
+            f"model.dtype=float16 would train {len(half)} float16 parameters (e.g. {half[0]}): AdamW's ε=1e-8 and "
+            "small squared gradients are 0 in float16, so its first step divides by 0 and weights become inf or "
+            "NaN. Use model.dtype=bfloat16, or float32 weights (model.dtype=auto) with run.mixed_precision=fp16 on a GPU (float16 compute, float32 "
             "master weights, loss scaling); with model.lora=true the float16 base stays frozen and adapters train in float32.")
 
 
