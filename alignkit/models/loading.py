@@ -56,7 +56,8 @@ def _resolve_dtype(name: str) -> torch.dtype:
         raise ModelLoadError(
             "model.dtype=float16 on a CPU is refused: float16 weights cannot be trained (AdamW's ε=1e-8 and small "
             "squared gradients are 0 in float16, so its first step divides by 0 and weights become inf or NaN) and "
-            "CPUs have no fast float16 arithmetic. Use model.dtype=bfloat16 (half the memory, float32's range) or float32 (model.dtype=auto).")
+            "CPUs have no fast float16 arithmetic. Use model.dtype=bfloat16 (half the memory, float32's range) "
+            "or float32 (model.dtype=auto).")
     return _DTYPES[name]
 
 
@@ -77,11 +78,12 @@ def check_float16(model, cfg: ModelConfig) -> None:
         raise ModelLoadError(
             f"model.dtype=float16 would train {len(half)} float16 parameters (e.g. {half[0]}): AdamW's ε=1e-8 and "
             "small squared gradients are 0 in float16, so its first step divides by 0 and weights become inf or "
-            "NaN. Use model.dtype=bfloat16, or float32 weights (model.dtype=auto) with run.mixed_precision=fp16 on a GPU (float16 compute, float32 "
-            "master weights, loss scaling); with model.lora=true the float16 base stays frozen and adapters train in float32.")
+            "NaN. Use model.dtype=bfloat16, or float32 weights (model.dtype=auto) with run.mixed_precision=fp16 "
+            "on a GPU (float16 compute, float32 master weights, loss scaling); with model.lora=true the float16 "
+            "base stays frozen and the adapters train in float32.")
 
 
-def _local_dir(path: str, what: str) -> str:
+def _resolve_source(path: str, what: str) -> str:
     """The directory or hub name to load ``path`` from, after checking what can be checked locally.
 
     A ``.gguf`` file becomes its converted directory; a local directory has its files checked.
@@ -107,12 +109,13 @@ def _local_dir(path: str, what: str) -> str:
     return str(p)
 
 
-def _load_kwargs(cfg: ModelConfig | None, source: str) -> dict:
-    """Keyword arguments of every ``from_pretrained``: model options, and cache-only when the hub is unusable."""
+def _load_kwargs(source: str, cfg: ModelConfig | None, model: bool = True) -> dict:
+    """Keyword arguments of every ``from_pretrained``: the options of ``cfg`` (the attention kernel
+    for models only), and cache-only when ``source`` is a hub name and the hub is unusable."""
     kwargs = dict(hub.hub_kwargs(source))
     if cfg is not None:
         kwargs["trust_remote_code"] = cfg.trust_remote_code
-        if cfg.attn_implementation != "auto":
+        if model and cfg.attn_implementation != "auto":
             kwargs["attn_implementation"] = cfg.attn_implementation
     return kwargs
 
@@ -130,19 +133,22 @@ def _load_errors(path: str, what: str, cfg: ModelConfig | None = None):
         hint = hub.hub_error_hint(path) if hub.is_hub_name(path) else str(e)
         raise ModelLoadError(f"could not load {what} from {path!r}: {hint}") from e
     except ImportError as e:  # e.g. attn_implementation=flash_attention_2 without flash-attn installed
-        option = f" (model.attn_implementation={cfg.attn_implementation})" if cfg and cfg.attn_implementation != "auto" else ""
+        chosen = cfg is not None and cfg.attn_implementation != "auto"
+        option = f" (model.attn_implementation={cfg.attn_implementation})" if chosen else ""
         raise ModelLoadError(f"could not load {what} from {path!r}{option}: {e}") from e
     except SafetensorError as e:
         raise files.damaged(Path(path), f"a weight file cannot be read ({e})") from e
     except (ValueError, RuntimeError) as e:
         msg = str(e)
         if "attn_implementation" in msg and cfg is not None:
-            raise ModelLoadError(f"model.attn_implementation={cfg.attn_implementation!r} cannot be used for {path}: {msg}") from e
+            raise ModelLoadError(
+                f"model.attn_implementation={cfg.attn_implementation!r} cannot be used for {path}: {msg}") from e
         if "trust_remote_code" in msg:
             raise ModelLoadError(f"{path} needs code from its repository to load: set model.trust_remote_code=true "
                                  f"only if you trust that code. ({msg.splitlines()[0]})") from e
         if "Unrecognized configuration class" in msg:
-            raise ModelLoadError(f"{path}: transformers has no {what} class for this model type: {msg.splitlines()[0]}") from e
+            raise ModelLoadError(
+                f"{path}: transformers has no {what} class for this model type: {msg.splitlines()[0]}") from e
         raise
 
 
@@ -172,12 +178,9 @@ def load_tokenizer(source: str | ModelConfig):
 
     cfg = source if isinstance(source, ModelConfig) else None
     path = (cfg.tokenizer or cfg.path) if cfg else source
-    local = _local_dir(path, "tokenizer")
-    kwargs = _load_kwargs(None, local)
-    if cfg is not None:
-        kwargs["trust_remote_code"] = cfg.trust_remote_code
+    local = _resolve_source(path, "tokenizer")
     with _load_errors(path, "tokenizer", cfg):
-        tok = AutoTokenizer.from_pretrained(local, **kwargs)
+        tok = AutoTokenizer.from_pretrained(local, **_load_kwargs(local, cfg, model=False))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         log.info("tokenizer has no pad token: using EOS (%r) for padding", tok.eos_token)
@@ -217,10 +220,10 @@ def load_causal_lm(cfg: ModelConfig, trainable: bool = True):
     """Load a causal LM from ``cfg.path``; wrap it with LoRA adapters when ``cfg.lora``."""
     from transformers import AutoModelForCausalLM
 
-    local = _local_dir(cfg.path, "model")
+    local = _resolve_source(cfg.path, "model")
     dtype = _resolve_dtype(cfg.dtype)
     with _load_errors(cfg.path, "causal LM", cfg):
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **_load_kwargs(cfg, local))
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **_load_kwargs(local, cfg))
     check_causal(model, cfg.path)
     if cfg.lora and trainable:
         model = add_lora(model, cfg, task_type="CAUSAL_LM")
@@ -240,12 +243,12 @@ def _load_scalar_head(cfg: ModelConfig):
     """``(model, missing keys)``: ``cfg.path`` as a one-output ``*ForSequenceClassification``."""
     from transformers import AutoModelForSequenceClassification
 
-    local = _local_dir(cfg.path, "model")
+    local = _resolve_source(cfg.path, "model")
     dtype = _resolve_dtype(cfg.dtype)
     with _load_errors(cfg.path, "model", cfg), _quiet_load_report():
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                local, num_labels=1, dtype=dtype, output_loading_info=True, **_load_kwargs(cfg, local))
+                local, num_labels=1, dtype=dtype, output_loading_info=True, **_load_kwargs(local, cfg))
         except RuntimeError as e:
             if "ignore_mismatched_sizes" not in str(e) and "size mismatch" not in str(e):
                 raise
@@ -292,7 +295,7 @@ def load_reward_model(cfg: ModelConfig, role: str = "a reward model"):
     """
     from transformers import PretrainedConfig
 
-    local = _local_dir(cfg.path, "model")
+    local = _resolve_source(cfg.path, "model")
     with _load_errors(cfg.path, "model", cfg):
         config, _ = PretrainedConfig.get_config_dict(local, **hub.hub_kwargs(local))
     identity.check_reward_model_config(config, cfg.path, role)
