@@ -55,7 +55,11 @@ class ModelConfig:
     lora_target_modules: str = "all-linear"
     """Modules that get adapters: 'all-linear' or a comma-separated list of module names."""
     dtype: str = "auto"
-    """Weight dtype: 'auto' (float32 on CPU), 'float32', 'bfloat16' or 'float16'."""
+    """Weight dtype: 'auto' (float32 master weights), 'float32', 'bfloat16' or 'float16' (frozen weights only, on a GPU: trained float16 weights turn NaN; use run.mixed_precision=fp16)."""
+    attn_implementation: str = "auto"
+    """Attention kernel passed to transformers: 'auto' (transformers' default for the model), 'eager', 'sdpa', 'flash_attention_2', 'flex_attention', ..."""
+    trust_remote_code: bool = False
+    """Run model and tokenizer code shipped in the model's repository (needed by some hub models; only for sources you trust)."""
 
 
 @dataclass
@@ -329,12 +333,35 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: list
     for key, value, where in items:
         try:
             full = _resolve_key(cls, key)
-            _set(cfg, full, _coerce(value, fields[full][0], full))
+            value = _coerce(value, fields[full][0], full)
+            _check_range(full, value, fields[full][2])
+            _set(cfg, full, value)
         except ConfigError as e:
             raise ConfigError(f"{where}{e}") from None
+    check_numbers(cfg)  # the defaults too, and values set on the dataclass in Python
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def _check_range(key: str, value: Any, doc: str) -> None:
+    from alignkit.config_checks import problem
+
+    why = problem(key, value)
+    if why:
+        raise ConfigError(f"{why} — {doc}" if doc else why)
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for p in dotted.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+def check_numbers(cfg: Any) -> None:
+    """Range-check every number of config ``cfg`` (see :mod:`alignkit.config_checks`); ConfigError if one is out."""
+    for key, (_, _, doc) in flat_fields(type(cfg)).items():
+        _check_range(key, _get(cfg, key), doc)
 
 
 def config_to_dict(cfg: Any) -> dict:

@@ -104,6 +104,41 @@ def tiny_llama(tokenizer, config: TinyModelConfig | None = None, seed: int = 0):
     return model
 
 
+#: family -> (transformers config class, a tiny shape in that family's own field names).
+TINY_FAMILY_SHAPES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2, max_position_embeddings=128)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+                              word_embed_proj_dim=32, max_position_embeddings=128)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=2, n_positions=128)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=128)),
+    "phi3": ("Phi3Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, max_position_embeddings=128)),
+    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                max_position_embeddings=128)),
+}
+
+
+def tiny_family_model(family: str, tokenizer, head: str = "causal_lm", seed: int = 0, **config):
+    """A small random model of a transformers ``family`` (see :data:`TINY_FAMILY_SHAPES`) sized for
+    ``tokenizer``; ``head`` is 'causal_lm' (``AutoModelForCausalLM``) or 'scalar' (a one-output
+    ``AutoModelForSequenceClassification``). ``config`` overrides the shape or sets other config
+    fields (e.g. dropout probabilities)."""
+    import transformers
+
+    cls_name, shape = TINY_FAMILY_SHAPES[family]
+    hf_config = getattr(transformers, cls_name)(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **{**shape, **config})
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "scalar": transformers.AutoModelForSequenceClassification}[head]
+    if head == "scalar":
+        hf_config.num_labels = 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return auto.from_config(hf_config)
+
+
 def build_tiny_model(
     out_dir: str | Path,
     texts: Iterable[str],

@@ -1,7 +1,19 @@
-"""Loading models and tokenizers from local directories (or the hub when online), LoRA, references.
+"""Loading models and tokenizers from local directories, GGUF files or the hub; LoRA, references.
 
 Every stage reads and writes plain Hugging Face model directories, so any stage can start from any
 earlier one's output (SFT → RM, SFT → DPO → PPO) and the results load with plain ``transformers``.
+
+Every load goes through the same checks, so a wrong model fails at once with a message saying what
+it is and what would work, never silently:
+
+- ``model.path`` may be a model directory, a ``.gguf`` file (converted once and cached, see
+  :mod:`alignkit.models.gguf`) or a hub name (probed once; offline, read from the cache only,
+  see :mod:`alignkit.models.hub`);
+- damaged files (a truncated ``model.safetensors``, a garbled ``config.json``) are named
+  (:mod:`alignkit.models.files`);
+- a policy must be causal: position t may not see later tokens (:func:`check_causal`);
+- a reward model must be one (:func:`load_reward_model`, :mod:`alignkit.models.identity`);
+- float16 weights are never trained (:func:`check_float16`).
 """
 
 from __future__ import annotations
@@ -14,14 +26,23 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ModelConfig
+from alignkit.models import files, gguf, hub, identity
+from alignkit.models.errors import ModelLoadError
+
+__all__ = ["ModelLoadError", "load_tokenizer", "load_causal_lm", "load_scalar_head_model", "load_reward_model",
+           "add_lora", "freeze", "is_lora", "Reference", "save_model", "check_causal", "check_float16"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says what was tried and how to fix it."""
+def _has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))
 
 
 def _resolve_dtype(name: str) -> torch.dtype:
@@ -30,42 +51,136 @@ def _resolve_dtype(name: str) -> torch.dtype:
         return torch.float32
     if name not in _DTYPES:
         raise ModelLoadError(f"model.dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
+    if name == "float16" and not _has_accelerator():
+        # Measured: `alignkit sft model.dtype=float16` on a CPU saved an all-NaN model after one step.
+        raise ModelLoadError(
+            "model.dtype=float16 on a CPU is refused: float16 weights cannot be trained (AdamW's ε=1e-8 and small "
+            "squared gradients are 0 in float16, so its first step divides by 0 and weights become inf or NaN) and "
+            "CPUs have no fast float16 arithmetic. Use model.dtype=bfloat16 (half the memory, float32's range) "
+            "or float32 (model.dtype=auto).")
     return _DTYPES[name]
 
 
-def _check_source(path: str, what: str) -> None:
+def check_float16(model, cfg: ModelConfig) -> None:
+    """Refuse trainable float16 parameters (on any device).
+
+    AdamW divides by √v̂ + ε with ε = 1e-8, which rounds to 0 in float16, as does v̂ = (1−β₂)·g² for
+    gradients below ~1e-3: the first step divides by 0 (measured: the tiny model's embeddings all
+    ±inf after one step, NaN where a gradient is exactly 0), and the damage spreads to every weight.
+    Loss scaling cannot help (it scales gradients, not the optimizer's arithmetic); what works is
+    float32 master weights with float16 compute, which is ``run.mixed_precision=fp16``. A frozen
+    float16 base under float32 LoRA adapters is fine.
+    """
+    if cfg.dtype != "float16":
+        return
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise ModelLoadError(
+            f"model.dtype=float16 would train {len(half)} float16 parameters (e.g. {half[0]}): AdamW's ε=1e-8 and "
+            "small squared gradients are 0 in float16, so its first step divides by 0 and weights become inf or "
+            "NaN. Use model.dtype=bfloat16, or float32 weights (model.dtype=auto) with run.mixed_precision=fp16 "
+            "on a GPU (float16 compute, float32 master weights, loss scaling); with model.lora=true the float16 "
+            "base stays frozen and the adapters train in float32.")
+
+
+def _resolve_source(path: str, what: str) -> str:
+    """The directory or hub name to load ``path`` from, after checking what can be checked locally.
+
+    A ``.gguf`` file becomes its converted directory; a local directory has its files checked.
+    """
     if not path:
-        raise ModelLoadError(f"no {what} given: set model.path to a local HF model directory")
-    p = Path(path)
-    looks_local = path.startswith((".", "/", "~")) or p.exists()
-    if looks_local and not (p / "config.json").exists() and what == "model":
+        raise ModelLoadError(f"no {what} given: set model.path to a local HF model directory, a .gguf file or a hub name")
+    if gguf.is_gguf(path):
+        return str(gguf.gguf_model_dir(path))
+    if hub.is_hub_name(path):
+        return path
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"{path} does not exist. Point model.path at the output directory of an earlier "
+                             "alignkit stage, a saved HF model, a .gguf file, or a hub name.")
+    if p.is_file():
+        raise ModelLoadError(f"{path} is a file, not a model directory: model.path takes a Hugging Face model "
+                             "directory (config.json and weights), a .gguf file, or a hub name.")
+    if what == "model" and not (p / "config.json").exists():
         raise ModelLoadError(
             f"{path} is not a Hugging Face model directory (no config.json). "
-            "Point model.path at the output directory of an earlier alignkit stage or a saved HF model."
-        )
+            "Point model.path at the output directory of an earlier alignkit stage or a saved HF model.")
+    files.check_model_dir(p)
+    return str(p)
+
+
+def _load_kwargs(source: str, cfg: ModelConfig | None, model: bool = True) -> dict:
+    """Keyword arguments of every ``from_pretrained``: the options of ``cfg`` (the attention kernel
+    for models only), and cache-only when ``source`` is a hub name and the hub is unusable."""
+    kwargs = dict(hub.hub_kwargs(source))
+    if cfg is not None:
+        kwargs["trust_remote_code"] = cfg.trust_remote_code
+        if model and cfg.attn_implementation != "auto":
+            kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
 
 
 @contextmanager
-def _hub_errors(path: str, what: str):
+def _load_errors(path: str, what: str, cfg: ModelConfig | None = None):
+    """Turn what ``from_pretrained`` raises for bad input into a :class:`ModelLoadError` saying how to fix it."""
+    from safetensors import SafetensorError
+
     try:
         yield
+    except ModelLoadError:
+        raise
     except OSError as e:
-        hint = (
-            "It is not a local directory, and the hub could not be reached or has no such repository. "
-            "Offline, give a local directory (see `alignkit.models.factory` for tiny local models)."
-            if not Path(path).exists()
-            else str(e)
-        )
+        hint = hub.hub_error_hint(path) if hub.is_hub_name(path) else str(e)
         raise ModelLoadError(f"could not load {what} from {path!r}: {hint}") from e
+    except ImportError as e:  # e.g. attn_implementation=flash_attention_2 without flash-attn installed
+        chosen = cfg is not None and cfg.attn_implementation != "auto"
+        option = f" (model.attn_implementation={cfg.attn_implementation})" if chosen else ""
+        raise ModelLoadError(f"could not load {what} from {path!r}{option}: {e}") from e
+    except SafetensorError as e:
+        raise files.damaged(Path(path), f"a weight file cannot be read ({e})") from e
+    except (ValueError, RuntimeError) as e:
+        msg = str(e)
+        if "attn_implementation" in msg and cfg is not None:
+            raise ModelLoadError(
+                f"model.attn_implementation={cfg.attn_implementation!r} cannot be used for {path}: {msg}") from e
+        if "trust_remote_code" in msg:
+            raise ModelLoadError(f"{path} needs code from its repository to load: set model.trust_remote_code=true "
+                                 f"only if you trust that code. ({msg.splitlines()[0]})") from e
+        if "Unrecognized configuration class" in msg:
+            raise ModelLoadError(
+                f"{path}: transformers has no {what} class for this model type: {msg.splitlines()[0]}") from e
+        raise
 
 
-def load_tokenizer(path: str):
-    """Load a tokenizer; give it a pad token (EOS) if it has none, since batching needs one."""
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' table of newly initialised weights (logged by us instead, when it matters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "LOAD REPORT" not in msg and "newly initialized" not in msg
+
+
+@contextmanager
+def _quiet_load_report():
+    logger = logging.getLogger("transformers.modeling_utils")
+    quiet = _DropLoadReport()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def load_tokenizer(source: str | ModelConfig):
+    """Load a tokenizer (from ``model.tokenizer`` or ``model.path`` when given a ModelConfig); give it a
+    pad token (EOS) if it has none, since batching needs one."""
     from transformers import AutoTokenizer
 
-    _check_source(path, "tokenizer")
-    with _hub_errors(path, "tokenizer"):
-        tok = AutoTokenizer.from_pretrained(path)
+    cfg = source if isinstance(source, ModelConfig) else None
+    path = (cfg.tokenizer or cfg.path) if cfg else source
+    local = _resolve_source(path, "tokenizer")
+    with _load_errors(path, "tokenizer", cfg):
+        tok = AutoTokenizer.from_pretrained(local, **_load_kwargs(local, cfg, model=False))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         log.info("tokenizer has no pad token: using EOS (%r) for padding", tok.eos_token)
@@ -73,42 +188,125 @@ def load_tokenizer(path: str):
     return tok
 
 
+@torch.no_grad()
+def check_causal(model, path: str) -> None:
+    """Refuse a model whose positions see later tokens: it cannot be trained or sampled as a policy.
+
+    The test is direct: two sequences that differ only in their last token must give the same logits
+    at every earlier position. A bidirectional encoder loaded as a "causal LM" (BERT's
+    ``BertLMHeadModel`` without ``is_decoder``) fails it; every decoder passes exactly.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.tensor([[1, 2, 3], [1, 2, 4]]) % vocab  # (2, 3): rows differ at the last position only
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids.to(model.device), use_cache=False).logits.float()  # (2, 3, V)
+    finally:
+        model.train(was_training)
+    earlier = logits[:, :2]  # (2, 2, V): positions that must not see the last token
+    leak = float((earlier[0] - earlier[1]).abs().max())
+    if leak > 1e-5 * (1.0 + float(earlier.abs().max())):
+        kind = getattr(model.config, "model_type", "?")
+        raise ModelLoadError(
+            f"{path} is a {kind} model ({type(model).__name__}) whose attention is bidirectional: changing a "
+            f"later token changed earlier logits by {leak:.2g}. Training or sampling it as a policy would let each "
+            "position read the token it predicts. SFT, DPO, KTO, PPO, GRPO, RLOO, rejection sampling and critics "
+            "need a decoder-only causal LM (llama, qwen2, mistral, gemma, phi3, gpt2, gpt_neox, opt, ...); an "
+            "encoder like this one can be trained as a reward model with `alignkit rm`.")
+
+
 def load_causal_lm(cfg: ModelConfig, trainable: bool = True):
     """Load a causal LM from ``cfg.path``; wrap it with LoRA adapters when ``cfg.lora``."""
     from transformers import AutoModelForCausalLM
 
-    _check_source(cfg.path, "model")
-    with _hub_errors(cfg.path, "model"):
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_resolve_dtype(cfg.dtype))
+    local = _resolve_source(cfg.path, "model")
+    dtype = _resolve_dtype(cfg.dtype)
+    with _load_errors(cfg.path, "causal LM", cfg):
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **_load_kwargs(local, cfg))
+    check_causal(model, cfg.path)
     if cfg.lora and trainable:
         model = add_lora(model, cfg, task_type="CAUSAL_LM")
     if not trainable:
         freeze(model)
+    check_float16(model, cfg)
     return model
 
 
-def load_scalar_head_model(cfg: ModelConfig, trainable: bool = True):
-    """Load an LM backbone with a scalar head: a reward or value model.
+def _head_keys(model, keys) -> list[str]:
+    """The keys among ``keys`` that belong to the classification head (outside the backbone, or its pooler)."""
+    prefix = model.base_model_prefix + "."
+    return sorted(k for k in keys if not k.startswith(prefix) or ".pooler." in k)
 
-    From a causal-LM directory (e.g. the SFT policy) the unembedding is replaced by a freshly
-    initialised linear head with one output, as in InstructGPT; from a saved reward model the head
-    is loaded as well.
-    """
+
+def _load_scalar_head(cfg: ModelConfig):
+    """``(model, missing keys)``: ``cfg.path`` as a one-output ``*ForSequenceClassification``."""
     from transformers import AutoModelForSequenceClassification
 
-    _check_source(cfg.path, "model")
-    with _hub_errors(cfg.path, "model"):
-        model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, num_labels=1, dtype=_resolve_dtype(cfg.dtype)
-        )
+    local = _resolve_source(cfg.path, "model")
+    dtype = _resolve_dtype(cfg.dtype)
+    with _load_errors(cfg.path, "model", cfg), _quiet_load_report():
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                local, num_labels=1, dtype=dtype, output_loading_info=True, **_load_kwargs(local, cfg))
+        except RuntimeError as e:
+            if "ignore_mismatched_sizes" not in str(e) and "size mismatch" not in str(e):
+                raise
+            config = files.read_json(Path(local) / "config.json") if Path(local).is_dir() else {}
+            raise ModelLoadError(f"{cfg.path} is {identity.describe(config)}; a reward or value model has one "
+                                 "output, and its head's weights do not fit one.") from e
     if model.config.pad_token_id is None:
         raise ModelLoadError(
             f"{cfg.path}: config has no pad_token_id; set one in config.json (reward models read the last non-pad token)"
         )
+    return model, sorted(info["missing_keys"])
+
+
+def load_scalar_head_model(cfg: ModelConfig, trainable: bool = True):
+    """Load an LM backbone with a scalar head: a reward or value model to train.
+
+    From a causal-LM directory (e.g. the SFT policy) the unembedding is replaced by a freshly
+    initialised linear head with one output, as in InstructGPT (expected, so transformers' table of
+    new weights is not shown); from a saved reward model the head is loaded as well. To score with
+    a trained reward model use :func:`load_reward_model`, which refuses a fresh head.
+    """
+    model, missing = _load_scalar_head(cfg)
+    head = _head_keys(model, missing)
+    if head:
+        log.info("%s: new scalar head %s (initialised at random, to be trained)", cfg.path, ", ".join(head))
+    others = [k for k in missing if k not in head]
+    if others:
+        log.warning("%s: %d backbone weights are not in the checkpoint and start at random: %s",
+                    cfg.path, len(others), ", ".join(others[:5]) + (" ..." if len(others) > 5 else ""))
     if cfg.lora and trainable:
         model = add_lora(model, cfg, task_type="SEQ_CLS")
     if not trainable:
         freeze(model)
+    check_float16(model, cfg)
+    return model
+
+
+def load_reward_model(cfg: ModelConfig, role: str = "a reward model"):
+    """Load a trained reward (or cost) model from ``cfg.path``, frozen, for scoring.
+
+    Refuses a directory that is not a reward model, saying what it is (a causal LM, a classifier
+    with N labels, ...; see :mod:`alignkit.models.identity`), and any load that would leave weights
+    (above all the head) at their random initialisation.
+    """
+    from transformers import PretrainedConfig
+
+    local = _resolve_source(cfg.path, "model")
+    with _load_errors(cfg.path, "model", cfg):
+        config, _ = PretrainedConfig.get_config_dict(local, **hub.hub_kwargs(local))
+    identity.check_reward_model_config(config, cfg.path, role)
+    model, missing = _load_scalar_head(cfg)
+    if missing:
+        raise ModelLoadError(
+            f"{cfg.path} was given as {role}, but its checkpoint has no weights for {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}: they would be initialised at random and the scores would mean "
+            f"nothing. It is {identity.describe(config)}; its weight files may be incomplete (copy it again), or "
+            "train a reward model with `alignkit rm`.")
+    freeze(model)
     return model
 
 
@@ -184,6 +382,10 @@ def save_model(model, tokenizer, out_dir: str | Path, extra_config: dict | None 
         to_save = merged
     else:
         to_save = model
+    if "alignkit" not in (extra_config or {}) and hasattr(to_save.config, "alignkit"):
+        # Only the save that trains a reward model marks it as one (see alignkit.models.identity):
+        # a policy fine-tuned from a reward-model directory does not inherit the mark.
+        del to_save.config.alignkit
     for k, v in (extra_config or {}).items():
         setattr(to_save.config, k, v)
     to_save.save_pretrained(out, safe_serialization=True)

@@ -53,10 +53,10 @@ class RewardModel(RewardSource):
                  max_length: int = 512, max_prompt_length: int = 384, device: str | torch.device = "cpu"):
         from alignkit.config import ModelConfig
         from alignkit.models.heads import ScalarHead
-        from alignkit.models.loading import load_scalar_head_model, load_tokenizer
+        from alignkit.models.loading import load_reward_model, load_tokenizer
 
-        if isinstance(path_or_head, str):
-            self.head = ScalarHead(load_scalar_head_model(ModelConfig(path=path_or_head), trainable=False))
+        if isinstance(path_or_head, str):  # refused unless it is a trained reward model
+            self.head = ScalarHead(load_reward_model(ModelConfig(path=path_or_head), role=f"the reward model {name!r}"))
             self.tokenizer = tokenizer or load_tokenizer(path_or_head)
         else:
             self.head, self.tokenizer = path_or_head, tokenizer

@@ -331,7 +331,7 @@ def run_critic(cfg: CriticConfig):
     seed_everything(cfg.run.seed)
     template = cfg.template
     template.validate()
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     train_records, eval_records, report = load_critique_records(cfg.data, cfg.run.seed, cfg.mix_path)
     lengths = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     train_examples = [critique_sft_example(r, template) for r in train_records]

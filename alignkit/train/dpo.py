@@ -313,7 +313,7 @@ def run_dpo(cfg: DPOConfig):
     (``final_eval`` holds the held-out accuracy and margin when there is eval data)."""
     cfg.validate()
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("PreferencePair",), name="dpo")
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)

@@ -47,12 +47,12 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.data import load_dataset_records, tokenize_records
     from alignkit.data.formats import DEFAULT_MARGIN_LABELS
     from alignkit.models.heads import ScalarHead
-    from alignkit.models.loading import load_scalar_head_model, load_tokenizer
+    from alignkit.models.loading import load_reward_model, load_tokenizer
     from alignkit.train.common import eval_source
     from alignkit.train.rm import calibrated, pairwise_metrics, score_pairs
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    head = ScalarHead(load_scalar_head_model(cfg.model, trainable=False))
+    tokenizer = load_tokenizer(cfg.model)
+    head = ScalarHead(load_reward_model(cfg.model))
     d = cfg.data
     eval_path, eval_split = eval_source(d)
     if eval_path and cfg.split_eval:

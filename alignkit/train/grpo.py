@@ -127,7 +127,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     """
     cfg.validate()
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
     reward = build_reward(cfg.reward, reward)
     policy = disable_dropout(load_causal_lm(cfg.model))

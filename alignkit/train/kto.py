@@ -256,7 +256,7 @@ def run_kto(cfg: KTOConfig):
     ``cfg.run.output_dir``. Returns the loop's ``TrainResult``."""
     cfg.validate()
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("UnpairedExample", "PreferencePair"), name="kto")
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)

@@ -260,13 +260,7 @@ def rollout_logps(model, batch: RolloutBatch, temperature: float, batch_size: in
     return torch.cat(logps), outs
 
 
-def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Set every dropout probability to 0: π_old (scored without gradient) and π_θ (in the update)
-    must be the same function for the ratio ρ = π_θ/π_old to mean anything."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
+from alignkit.models.dropout import disable_dropout  # noqa: E402,F401  π_old and π_θ must be one function
 
 
 def sequence_kl(kl: Tensor, mask: Tensor) -> Tensor:

@@ -216,7 +216,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     """
     cfg.validate()
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
     reward = build_reward(cfg.reward, reward)
     if cost is None and cfg.cost_model:

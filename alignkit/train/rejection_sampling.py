@@ -82,7 +82,7 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
     """Rejection-sampling fine-tuning of ``cfg.model.path``; saves the policy to ``cfg.run.output_dir``."""
     cfg.validate()
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
     reward = build_reward(cfg.reward, reward)
     policy = load_causal_lm(cfg.model)

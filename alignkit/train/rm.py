@@ -22,6 +22,7 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data import collate_pairs, collate_rated
 from alignkit.losses import pairwise_rm_loss, regression_rm_loss
 from alignkit.models.heads import ScalarHead, reward_calibration, sequence_rewards
+from alignkit.models.identity import reward_model_marker
 from alignkit.models.loading import load_scalar_head_model, load_tokenizer, save_model
 from alignkit.train.common import (
     PAIR_COLLATES, check_batching, prepare_data, resolve_pair_batching, seed_everything,
@@ -154,7 +155,7 @@ def _evaluator(objective: str, items: list[dict], pad_id: int):
 def run_rm(cfg: RMConfig):
     """Train a reward model and save it (plain HF ``*ForSequenceClassification`` directory)."""
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("PreferencePair", "RatedExample"), name="rm")
     kinds = {type(r).__name__ for r in data.train_records}
     objective = cfg.objective
@@ -194,7 +195,8 @@ def run_rm(cfg: RMConfig):
             else:
                 offset = float(score_rated(head, sample, pad).mean())
         save_model(head.model, tokenizer, cfg.run.output_dir,
-                   extra_config={"reward_offset": offset, "reward_scale": cfg.reward_scale, "alignkit_objective": objective})
+                   extra_config={"reward_offset": offset, "reward_scale": cfg.reward_scale, "alignkit_objective": objective,
+                                 **reward_model_marker(objective=objective)})
         print(f"[alignkit] saved reward model to {cfg.run.output_dir} (reward_offset={offset:.4f}, reward_scale={cfg.reward_scale})")
     return result
 

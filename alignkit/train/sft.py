@@ -82,7 +82,7 @@ def build_sft_task(items: list[dict], eval_items: list[dict], pad_id: int, paddi
 def run_sft(cfg: SFTConfig):
     """Fine-tune ``cfg.model.path`` on ``cfg.data`` and save a plain HF directory to ``cfg.run.output_dir``."""
     seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed, expect=("SFTExample",), name="sft")
     model = load_causal_lm(cfg.model)
     check_batching("padding_free" if cfg.run.padding_free else "padded", model)
