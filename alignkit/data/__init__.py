@@ -43,10 +43,15 @@ from alignkit.data.records import (
 )
 from alignkit.data.report import DataError, DataReport
 from alignkit.data.tokenize import (
+    ASSISTANT_TURNS,
     IGNORE_INDEX,
+    ChatFormat,
+    chat_format,
     encode_prompt,
+    encode_response,
     plain_chat,
     render_prompt,
+    stop_token_ids,
     tokenize_pair,
     tokenize_rated,
     tokenize_records,
@@ -111,6 +116,8 @@ def load_dataset_records(
 
 
 __all__ = [
+    "ASSISTANT_TURNS",
+    "ChatFormat",
     "DEFAULT_MARGIN_LABELS",
     "FORMATS",
     "IGNORE_INDEX",
@@ -128,7 +135,9 @@ __all__ = [
     "collate_sft",
     "collate_unpaired",
     "detect_format",
+    "chat_format",
     "encode_prompt",
+    "encode_response",
     "load_dataset_records",
     "normalise_rows",
     "pack_pairs",
@@ -138,6 +147,7 @@ __all__ = [
     "read_rows",
     "render_prompt",
     "split_rows",
+    "stop_token_ids",
     "tokenize_pair",
     "tokenize_rated",
     "tokenize_records",

@@ -16,12 +16,18 @@ import torch
 #: Chat template given to factory tokenizers. It is the same plain format that
 #: :func:`alignkit.data.tokenize.render_prompt` uses for tokenizers without a template, so the
 #: tiny models and any template-less HF model see conversations the same way:
-#: ``Human: ...\n\nAssistant: ...<eos>\n\n`` (Anthropic's HH-RLHF layout).
+#: ``Human: ...\n\nAssistant: ...<eos>\n\n`` (Anthropic's HH-RLHF layout), ``Tool: ...\n\n``
+#: for tool results and one ``Tool call: {json}`` line per call after an assistant's text.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}Human: {{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}{% set f = c.get('function') or c %}"
+    "{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "Tool call: {{ {'name': f.get('name'), 'arguments': f.get('arguments')} | tojson }}{% endfor %}"
+    "{{ eos_token }}\n\n"
+    "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n\n"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )

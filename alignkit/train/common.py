@@ -62,7 +62,8 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, expect: tuple[str, ...]
             f"{name}: {data.path} holds {', '.join(sorted(wrong))} records but `alignkit {name}` trains on "
             f"{' or '.join(expect)}; set data.format or use the matching command"
         )
-    lengths = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+    lengths = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                   assistant_turns=data.assistant_turns)
     train, _ = tokenize_records(train_records, tokenizer, report=report, **lengths)
     evals, _ = tokenize_records(eval_records, tokenizer, report=eval_report or report, **lengths)
     print(f"[alignkit] {name} data: {len(train)} train / {len(evals)} eval items\n{report.summary()}")

@@ -46,12 +46,13 @@ class ScoreConfig:
 def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.data import load_dataset_records, tokenize_records
     from alignkit.data.formats import DEFAULT_MARGIN_LABELS
-    from alignkit.models.heads import ScalarHead
+    from alignkit.models.heads import ScalarHead, check_reward_convention
     from alignkit.models.loading import load_scalar_head_model, load_tokenizer
-    from alignkit.train.rm import calibrated, pairwise_metrics, score_pairs
+    from alignkit.train.rm import pairwise_metrics, score_pairs
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     head = ScalarHead(load_scalar_head_model(cfg.model, trainable=False))
+    check_reward_convention(head, cfg.model.path)
     d = cfg.data
     train, held, report = load_dataset_records(
         d.path, format=None if d.format == "auto" else d.format, split=d.split, limit=d.limit or None,
@@ -66,7 +67,6 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     items, _ = tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length, report=report)
     print(report.summary())
     chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size)
-    chosen, rejected = calibrated(chosen, head), calibrated(rejected, head)
     # Bucket names: the numeric margin, with the label(s) that map to it (0 is also "no margin").
     names: dict[float, list[str]] = {}
     for k, v in {**DEFAULT_MARGIN_LABELS, **(d.margin_labels or {})}.items():
