@@ -1,7 +1,7 @@
 """Tiny local tokenizers in the chat-template styles of real model families (no hub).
 
 Each style is a byte-level BPE tokenizer from :func:`alignkit.models.factory.train_tokenizer`
-with the family's special tokens added and a chat template written after the family's own:
+with the family's special tokens (and no others) and a chat template written after the family's own:
 
 - ``chatml``: Qwen2.5 (``<|im_start|>``/``<|im_end|>``; EOS ``<|endoftext|>`` is not the end of
   turn, pad == EOS; tool calls in ``<tool_call>`` blocks, tool results as user turns);
@@ -99,22 +99,18 @@ END_OF_TURN = {
 
 
 @lru_cache(maxsize=None)
-def _base(vocab_size: int):
+def _base(style: str, vocab_size: int):
+    _, special, _ = STYLES[style]
     corpus = DEFAULT_CORPUS * 20 + [f"The colour of item {i} is {c}." for i in range(30) for c in ("red", "blue")]
-    return train_tokenizer(corpus, vocab_size=vocab_size)
+    names = {"bos_token": special["bos"], "eos_token": special["eos"], "pad_token": special["pad"],
+             "additional_special_tokens": special["extra"]}
+    return train_tokenizer(corpus, vocab_size=vocab_size, special_tokens=names)
 
 
 def styled_tokenizer(style: str, vocab_size: int = 320):
     """A fresh tokenizer in ``style`` (a copy: callers may change it)."""
-    template, special, adds_bos = STYLES[style]
-    tok = copy.deepcopy(_base(vocab_size))
-    names = {"eos_token": special["eos"]}
-    if special["bos"]:
-        names["bos_token"] = special["bos"]
-    tok.add_special_tokens({**names, "additional_special_tokens": special["extra"]})
-    if not special["bos"]:
-        tok.bos_token = None
-    tok.pad_token = special["pad"]
+    template, _, adds_bos = STYLES[style]
+    tok = copy.deepcopy(_base(style, vocab_size))
     tok.chat_template = template
     if adds_bos:
         bos = tok.bos_token

@@ -15,7 +15,8 @@ rewards free. The saved directory scores the same in alignkit and in plain ``tra
 folded into the head's weights, nothing is subtracted at read time, and the pad token is one that
 cannot end a conversation (:func:`save_reward_model`; docs/templates.md). The mean reward of the
 training data, measured in the training forward passes, is stored as ``alignkit_reward_mean``
-for information (and folded into the head's bias where it has one).
+for information (the mean over the last 512 training sequences; folded into the head's bias
+where it has one).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class RMConfig:
 
 
 class RewardMean:
-    """Mean reward over the latest ``window`` training sequences (about the last pass over the
-    data), collected from the training forward passes themselves: no extra pass after training."""
+    """Mean reward over the latest ``window`` training sequences, collected from the training
+    forward passes themselves: no extra pass after training."""
 
     def __init__(self, window: int):
         self.window, self.parts, self.count = max(1, window), deque(), 0
@@ -203,8 +204,9 @@ def run_rm(cfg: RMConfig):
         raise ValueError(f"rm: objective={objective} needs {needed} records, but {cfg.data.path} gave {sorted(kinds)}")
     pad = tokenizer.pad_token_id
     head = ScalarHead(load_scalar_head_model(cfg.model))
-    # the latest pass's worth of sequences (with several processes, of this process's shard)
-    seen = RewardMean((2 if objective == "pairwise" else 1) * len(data.train))
+    # the latest sequences of training (with several processes, of this process's shard): recent
+    # enough to describe the final model, many enough to average out the batches
+    seen = RewardMean(min(512, (2 if objective == "pairwise" else 1) * len(data.train)))
     if objective == "pairwise":
         batching = PAIR_COLLATES[cfg.batching_name()]
         check_pair_batching(cfg.batching_name(), head.model)
