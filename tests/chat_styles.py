@@ -21,6 +21,7 @@ from functools import lru_cache
 
 from tokenizers import processors
 
+from alignkit.data import IGNORE_INDEX
 from alignkit.models.factory import DEFAULT_CORPUS, train_tokenizer
 
 CHATML = (
@@ -117,3 +118,14 @@ def styled_tokenizer(style: str, vocab_size: int = 320):
         tok._tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.bos_token_id)])
     return tok
+
+
+def trained_runs(tok, item) -> list[str]:
+    """The decoded runs of labelled tokens of an SFT item: what it trains, turn by turn."""
+    runs, run = [], []
+    for t, label in zip(item["input_ids"], item["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(t)
+        elif run:
+            runs, run = runs + [run], []
+    return [tok.decode(r) for r in runs + ([run] if run else [])]

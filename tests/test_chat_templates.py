@@ -29,7 +29,7 @@ from alignkit.data import (
 )
 from alignkit.data.report import DataError
 
-from chat_styles import END_OF_TURN, STYLES, styled_tokenizer
+from chat_styles import END_OF_TURN, STYLES, styled_tokenizer, trained_runs
 from conftest import write_jsonl
 
 USER = lambda text: {"role": "user", "content": text}  # noqa: E731
@@ -49,17 +49,6 @@ def reference(tok, messages, add_generation_prompt=False) -> list[int]:
         text = plain_chat(messages, tok.eos_token, add_generation_prompt)
         return tok(text, add_special_tokens=False)["input_ids"]
     return list(tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)["input_ids"])
-
-
-def trained_runs(tok, item) -> list[str]:
-    """The decoded runs of labelled tokens of an SFT item."""
-    runs, run = [], []
-    for t, label in zip(item["input_ids"], item["labels"]):
-        if label != IGNORE_INDEX:
-            run.append(t)
-        elif run:
-            runs, run = runs + [run], []
-    return [tok.decode(r) for r in runs + ([run] if run else [])]
 
 
 @pytest.fixture(scope="module", params=list(STYLES))

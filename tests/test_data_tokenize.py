@@ -26,6 +26,8 @@ from alignkit.data import (
 )
 from alignkit.models.factory import DEFAULT_CORPUS, train_tokenizer
 
+from chat_styles import trained_runs
+
 USER = lambda text: {"role": "user", "content": text}  # noqa: E731
 ASSISTANT = lambda text: {"role": "assistant", "content": text}  # noqa: E731
 CONVERSATION = [
@@ -43,17 +45,6 @@ def tok():
 
 def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
-
-
-def _trained(tok, item) -> list[str]:
-    """The decoded runs of labelled tokens of an SFT item."""
-    runs, run = [], []
-    for t, label in zip(item["input_ids"], item["labels"]):
-        if label != IGNORE_INDEX:
-            run.append(t)
-        elif run:
-            runs, run = runs + [run], []
-    return [tok.decode(r) for r in runs + ([run] if run else [])]
 
 
 def test_plain_default_is_the_factory_template(tok):
@@ -111,7 +102,7 @@ def test_a_template_without_an_end_of_turn_gets_eos_after_each_reply(tok):
     messages = [USER("a?"), ASSISTANT("b."), USER("c?"), ASSISTANT("d.")]
     multi = tokenize_sft(SFTExample(messages[:3], "d.", messages=messages), t)
     assert t.decode(multi["input_ids"]) == "<user>a?\n<assistant>b.<eos>\n<user>c?\n<assistant>d.<eos>\n"
-    assert _trained(t, multi) == ["b.<eos>\n", "d.<eos>\n"]
+    assert trained_runs(t, multi) == ["b.<eos>\n", "d.<eos>\n"]
 
 
 def test_a_template_that_renders_the_prompt_differently_before_a_reply(tok, caplog):
@@ -124,6 +115,13 @@ def test_a_template_that_renders_the_prompt_differently_before_a_reply(tok, capl
         item = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
     assert "renders a conversation's start differently" in caplog.text
     assert item["input_ids"] == ids(t, "<user>Hi?<eos><assistant>\n") + ids(t, "Hello.") + [t.eos_token_id]
+    # an earlier assistant turn of a messages row cannot be located then: a clear error, and the way out
+    messages = [USER("a?"), ASSISTANT("b."), USER("c?"), ASSISTANT("d.")]
+    example = SFTExample(messages[:3], "d.", source="chat.jsonl:9", messages=messages)
+    with pytest.raises(ValueError, match=r"chat.jsonl:9: the chat template renders the conversation before assistant "
+                                         r"turn 1 differently .*data.assistant_turns=last"):
+        tokenize_sft(example, t)
+    assert trained_runs(t, tokenize_sft(example, t, assistant_turns="last")) == ["d.<eos>"]
 
 
 def test_bos_is_added_once_when_the_tokenizer_adds_it(tok):

@@ -68,6 +68,7 @@ ASSISTANT_TURNS = ("all", "last")
 
 #: Reply text used to find where a template puts a reply and what it renders after it.
 _SENTINEL = "ALIGNKIT7REPLY7SENTINEL"
+_WARNED: set[str] = set()
 
 
 # ---- rendering ---------------------------------------------------------------------------------
@@ -186,8 +187,10 @@ def chat_format(tokenizer) -> ChatFormat:
         if eos is None:
             raise ValueError("the tokenizer has no EOS token and its chat template renders no special token after "
                              "a reply; responses must end with a token the model can learn to stop at")
-        log.warning("the chat template renders no special token after a reply (%r); alignkit ends every reply "
-                    "with EOS %r, inserted before that text", after, eos)
+        if after not in _WARNED:  # once per template, not once per prompt encoded
+            _WARNED.add(after)
+            log.warning("the chat template renders no special token after a reply (%r); alignkit ends every reply "
+                        "with EOS %r, inserted before that text", after, eos)
         end, trailer, inserted = eos, after, True
     else:
         pos, token = hit
@@ -403,7 +406,10 @@ def _sft(ex: SFTExample, enc: _Encoder, limits: _Limits, report: DataReport | No
     messages = ex.messages
     earlier = messages is not None and any(m["role"] == "assistant" for m in messages[:-1])
     if earlier and enc.assistant_turns == "all":
-        context, labels, completion = enc.conversation(messages)
+        try:
+            context, labels, completion = enc.conversation(messages)
+        except ValueError as e:
+            raise ValueError(f"{ex.source or 'an SFT record'}: {e}") from None
         prompt, (completion,), labels = _truncate(context, [completion], limits, report, ex.source, labels)
     else:
         reply = messages[-1] if messages is not None else ex.completion
