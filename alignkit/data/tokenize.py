@@ -472,10 +472,11 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return _Encoder(tokenizer).prompt(messages)
 
 
-def encode_response(tokenizer, prompt: Messages, response: str) -> list[int]:
-    """Token ids of ``response`` to ``prompt`` exactly as the training items hold them (before
+def encode_responses(tokenizer, prompts: list[Messages], responses: list[str]) -> list[list[int]]:
+    """Token ids of each response to its prompt exactly as the training items hold them (before
     truncation): reply, end of turn and trailer."""
-    return _Encoder(tokenizer).response(prompt, response)
+    enc = _Encoder(tokenizer)
+    return [enc.response(p, r) for p, r in zip(prompts, responses)]
 
 
 def _one(kind: type, record, tokenizer, max_length, max_prompt_length, report, assistant_turns="all") -> dict:

@@ -227,14 +227,15 @@ def mark_verdicts(items: list[dict], examples: list[SFTExample], tokenizer, temp
     """Add ``verdict_tokens`` to each tokenised SFT item: how many of its label tokens just before
     the end of turn are the verdict (0 when truncation cut the verdict off), and
     ``end_tokens``: how many label tokens follow the verdict (the end of turn and trailer)."""
-    from alignkit.data.tokenize import encode_response
+    from alignkit.data.tokenize import encode_responses
 
-    for item, ex in zip(items, examples):
-        # the response as the data layer tokenised it, and its start up to the verdict prefix (each
-        # with the end of turn): their common start precedes the verdict, the head's rest is the end
-        full = encode_response(tokenizer, ex.prompt, ex.completion)
-        head = encode_response(tokenizer, ex.prompt,
-                               ex.completion.rsplit(template.verdict_prefix, 1)[0] + template.verdict_prefix)
+    # the responses as the data layer tokenised them, and their starts up to the verdict prefix (each
+    # with the end of turn): their common start precedes the verdict, the head's rest is the end
+    prompts = [ex.prompt for ex in examples]
+    fulls = encode_responses(tokenizer, prompts, [ex.completion for ex in examples])
+    heads = encode_responses(tokenizer, prompts, [ex.completion.rsplit(template.verdict_prefix, 1)[0]
+                                                  + template.verdict_prefix for ex in examples])
+    for item, full, head in zip(items, fulls, heads):
         n = 0
         while n < min(len(full), len(head)) and full[n] == head[n]:
             n += 1
