@@ -94,6 +94,8 @@ class DataConfig:
     """Keep the k(k-1)/2 pairs of one k-way ranking in one batch, weighted as one example (InstructGPT)."""
     strict: bool = False
     """Fail on records that would otherwise be skipped and counted (identical pairs, empty responses, unsplittable HH transcripts)."""
+    assistant_turns: str = "all"
+    """SFT `messages` rows: train every assistant turn ('all', as TRL's assistant_only_loss: each was written as a reply to its context) or only the final reply ('last'); system, user and tool turns are never trained."""
 
 
 @dataclass

@@ -67,17 +67,22 @@ def nll_loss(logps: Tensor, mask: Tensor) -> tuple[Tensor, Metrics]:
 
 
 def pairwise_rm_loss(
-    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None
+    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | None = None, center_coef: float = 0.0
 ) -> tuple[Tensor, Metrics]:
-    """Bradley–Terry reward-model loss with an optional margin.
+    """Bradley–Terry reward-model loss with an optional margin and reward centring.
 
-        ℓ = −log σ(r_θ(x, y_w) − r_θ(x, y_l) − m)
+        ℓ = −log σ(r_θ(x, y_w) − r_θ(x, y_l) − m) + c · (r_θ(x, y_w) + r_θ(x, y_l))²
 
-    (InstructGPT, Ouyang et al. 2022, eq. 1; the margin m of Llama 2, Touvron et al. 2023, eq. 2.)
+    (InstructGPT, Ouyang et al. 2022, eq. 1; the margin m of Llama 2, Touvron et al. 2023, eq. 2;
+    the centring term of Eisenstein et al. 2023, "Helping or Herding?", as TRL's
+    ``center_rewards_coefficient``.) The first term only sees reward differences, so nothing
+    else fixes where rewards sit; the second pulls E[r] toward 0 with weight c, so the model's own
+    output is centred and no offset has to be subtracted when it is read.
 
     Args:
         chosen_rewards, rejected_rewards: (B,) scalar rewards r_θ of y_w and y_l.
         margin: (B,) or None (= 0): how much better y_w is known to be.
+        center_coef: c ≥ 0 (0 = no centring term).
 
     Returns:
         losses (B,); metrics ``rewards/chosen``, ``rewards/rejected`` (mean rewards),
@@ -88,6 +93,8 @@ def pairwise_rm_loss(
     if margin is not None:
         diff = diff - margin
     losses = -F.logsigmoid(diff)
+    if center_coef:
+        losses = losses + center_coef * (chosen_rewards + rejected_rewards).pow(2)
     return losses, _reward_metrics(chosen_rewards, rejected_rewards)
 
 

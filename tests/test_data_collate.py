@@ -11,6 +11,7 @@ from alignkit.data import (
     RatedExample,
     SFTExample,
     UnpairedExample,
+    chat_format,
     collate_pairs,
     collate_rated,
     collate_sft,
@@ -67,7 +68,10 @@ def test_collate_sft_pads_right_and_masks_prompt_and_padding(tok, sft_items):
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (T - n)
         assert batch["labels"][row].tolist() == item["labels"] + [IGNORE_INDEX] * (T - n)
         assert (batch["labels"][row, :p] == IGNORE_INDEX).all() and batch["labels"][row, p] != IGNORE_INDEX
-        assert batch["labels"][row, n - 1] == tok.eos_token_id
+        # the labels end with the template's end of turn (EOS here) and the trailer it renders after it
+        fmt = chat_format(tok)
+        tail = tok(fmt.trailer, add_special_tokens=False)["input_ids"]
+        assert batch["labels"][row, n - len(tail) - 1 : n].tolist() == [fmt.end_of_turn_id] + tail
 
 
 def test_collate_pairs_chosen_block_then_rejected_block(tok, pair_items):

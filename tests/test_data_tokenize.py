@@ -1,4 +1,5 @@
-"""Tokenisation: chat rendering, the exact prompt/response boundary, EOS, truncation."""
+"""Tokenisation: chat rendering, the exact prompt/response boundary, the end of turn, truncation.
+(The token ids in the chat-template styles of real families are checked in test_chat_templates.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from alignkit.data import (
     UnpairedExample,
     encode_prompt,
     plain_chat,
+    chat_format,
     render_prompt,
     tokenize_pair,
     tokenize_rated,
@@ -23,6 +25,8 @@ from alignkit.data import (
     tokenize_unpaired,
 )
 from alignkit.models.factory import DEFAULT_CORPUS, train_tokenizer
+
+from chat_styles import trained_runs
 
 USER = lambda text: {"role": "user", "content": text}  # noqa: E731
 ASSISTANT = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -59,20 +63,21 @@ def test_sft_boundary_eos_and_labels(tok):
     ex = SFTExample(CONVERSATION, "The capital of France is Paris.", "x:1")
     item = tokenize_sft(ex, tok)
     prompt = ids(tok, render_prompt(tok, CONVERSATION))
-    response = ids(tok, " The capital of France is Paris.") + [tok.eos_token_id]
+    # the plain layout ends a reply with EOS, then the blank line its template renders after a turn
+    response = ids(tok, " The capital of France is Paris.") + [tok.eos_token_id] + ids(tok, "\n\n")
     assert item["input_ids"] == prompt + response
     assert item["labels"] == [IGNORE_INDEX] * len(prompt) + response
     assert encode_prompt(tok, CONVERSATION) == prompt  # what generation feeds the policy
     assert item["length"] == len(prompt) + len(response)
-    assert tok.decode(item["input_ids"]) == render_prompt(tok, CONVERSATION) + " The capital of France is Paris.<eos>"
+    assert tok.decode(item["input_ids"]) == render_prompt(tok, CONVERSATION) + " The capital of France is Paris.<eos>\n\n"
 
 
 def test_pair_unpaired_rated_items(tok):
     pair = PreferencePair([USER("Hi?")], "Hello there.", "Go away.", margin=2.0, group=7, weight=0.25)
     item = tokenize_pair(pair, tok)
     prompt = ids(tok, "Human: Hi?\n\nAssistant:")
-    chosen = ids(tok, " Hello there.") + [tok.eos_token_id]
-    rejected = ids(tok, " Go away.") + [tok.eos_token_id]
+    chosen = ids(tok, " Hello there.") + [tok.eos_token_id] + ids(tok, "\n\n")
+    rejected = ids(tok, " Go away.") + [tok.eos_token_id] + ids(tok, "\n\n")
     assert item == {
         "prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "margin": 2.0,
         "weight": 0.25, "group": 7, "length": len(prompt) + max(len(chosen), len(rejected)),
@@ -85,14 +90,38 @@ def test_pair_unpaired_rated_items(tok):
         tokenize_pair(SFTExample([USER("a")], "b"), tok)
 
 
-def test_no_space_after_a_template_that_ends_in_whitespace(tok):
+def test_a_template_without_an_end_of_turn_gets_eos_after_each_reply(tok):
     t = copy.deepcopy(tok)
-    # Llama-3-like: the generation prompt ends with a newline (written as an expression, since
-    # jinja drops a template's own trailing newline).
-    t.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{{ '<assistant>\\n' }}"
+    # renders nothing a model could stop at after a reply: alignkit inserts EOS before its newline
+    t.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ '\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}<assistant>{% endif %}")
+    fmt = chat_format(t)
+    assert (fmt.end_of_turn, fmt.trailer, fmt.inserted, fmt.stop_ids) == ("<eos>", "\n", True, (t.eos_token_id,))
     item = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
-    prompt = ids(t, "<user>Hi?\n<assistant>\n")
-    assert item["input_ids"] == prompt + ids(t, "Hello.") + [t.eos_token_id]
+    assert item["input_ids"] == ids(t, "<user>Hi?\n<assistant>") + ids(t, "Hello.") + [t.eos_token_id] + ids(t, "\n")
+    messages = [USER("a?"), ASSISTANT("b."), USER("c?"), ASSISTANT("d.")]
+    multi = tokenize_sft(SFTExample(messages[:3], "d.", messages=messages), t)
+    assert t.decode(multi["input_ids"]) == "<user>a?\n<assistant>b.<eos>\n<user>c?\n<assistant>d.<eos>\n"
+    assert trained_runs(t, multi) == ["b.<eos>\n", "d.<eos>\n"]
+
+
+def test_a_template_that_renders_the_prompt_differently_before_a_reply(tok, caplog):
+    t = copy.deepcopy(tok)
+    # the generation prompt ends with a newline, but a rendered reply follows "<assistant>" directly:
+    # the response is then put after the prompt as generation sees it, with the end of turn
+    t.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                       "{% if add_generation_prompt %}{{ '<assistant>\\n' }}{% endif %}")
+    with caplog.at_level("WARNING"):
+        item = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
+    assert "renders a conversation's start differently" in caplog.text
+    assert item["input_ids"] == ids(t, "<user>Hi?<eos><assistant>\n") + ids(t, "Hello.") + [t.eos_token_id]
+    # an earlier assistant turn of a messages row cannot be located then: a clear error, and the way out
+    messages = [USER("a?"), ASSISTANT("b."), USER("c?"), ASSISTANT("d.")]
+    example = SFTExample(messages[:3], "d.", source="chat.jsonl:9", messages=messages)
+    with pytest.raises(ValueError, match=r"chat.jsonl:9: the chat template renders the conversation before assistant "
+                                         r"turn 1 differently .*data.assistant_turns=last"):
+        tokenize_sft(example, t)
+    assert trained_runs(t, tokenize_sft(example, t, assistant_turns="last")) == ["d.<eos>"]
 
 
 def test_bos_is_added_once_when_the_tokenizer_adds_it(tok):
@@ -106,6 +135,10 @@ def test_bos_is_added_once_when_the_tokenizer_adds_it(tok):
     item = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
     assert item["input_ids"][0] == t.bos_token_id and item["input_ids"][1] != t.bos_token_id
     assert item["input_ids"][1:] == tokenize_sft(SFTExample([USER("Hi?")], "Hello."), tok)["input_ids"]
+    # a template that renders BOS itself does not get a second one
+    t.chat_template = "{{ bos_token }}" + t.chat_template
+    again = tokenize_sft(SFTExample([USER("Hi?")], "Hello."), t)
+    assert again["input_ids"] == item["input_ids"]
 
 
 def test_truncation_keeps_the_prompt_end_then_cuts_responses_and_is_counted(tok):
@@ -119,7 +152,7 @@ def test_truncation_keeps_the_prompt_end_then_cuts_responses_and_is_counted(tok)
     assert cut["prompt_ids"] == full["prompt_ids"][-24:]  # the END of the prompt survives
     assert cut["prompt_ids"][-2:] == ids(tok, " Assistant:")[-2:]
     assert cut["chosen_ids"] == full["chosen_ids"][:16]  # the chosen reply loses its end (and EOS)
-    assert cut["chosen_ids"][-1] != tok.eos_token_id
+    assert tok.eos_token_id not in cut["chosen_ids"]
     assert cut["rejected_ids"] == full["rejected_ids"]  # short enough: untouched, keeps EOS
     assert cut["length"] == 40
     assert items[1] == tokenize_pair(short, tok)

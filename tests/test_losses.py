@@ -67,6 +67,20 @@ def test_pairwise_rm_zero_margin_and_margin_formula():
     assert metrics["rewards/rejected"].item() == pytest.approx(rr.mean().item())
 
 
+def test_pairwise_rm_centring_term_and_its_gradient():
+    """c·(r_w + r_l)² per pair (Eisenstein et al. 2023): shifting every reward by s changes only
+    the centring term, whose gradient along the shift is 2c·Σ(r_w + r_l)·2, pulling the mean to 0."""
+    g = torch.Generator().manual_seed(2)
+    rc, rr = torch.randn(6, generator=g, dtype=torch.float64) + 2, torch.randn(6, generator=g, dtype=torch.float64) + 2
+    plain, _ = pairwise_rm_loss(rc, rr)
+    centred, _ = pairwise_rm_loss(rc, rr, center_coef=0.1)
+    torch.testing.assert_close(centred, plain + 0.1 * (rc + rr) ** 2)
+    shift = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    pairwise_rm_loss(rc + shift, rr + shift, center_coef=0.1)[0].sum().backward()
+    assert shift.grad.item() == pytest.approx(0.1 * 2 * 2 * (rc + rr).sum().item())  # > 0: rewards move down
+    assert shift.grad.item() > 0
+
+
 def test_regression_rm_loss_is_per_example_mse():
     p, t = torch.tensor([1.0, 2.0, -1.0]), torch.tensor([0.0, 2.5, 1.0])
     losses, metrics = regression_rm_loss(p, t)

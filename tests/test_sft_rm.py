@@ -103,11 +103,11 @@ def test_saved_rm_reloads_with_plain_transformers(trained_rm, tiny_tokenizer):
     ours = RewardModel(str(out))
     prompt = [{"role": "user", "content": "What colour is item 3?"}]
     response = "The colour of item 3 is green."
-    text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) + " " + response + tok.eos_token
+    # the text the saved template renders, scored by plain transformers (test_rm_interop.py covers more)
+    text = tok.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        raw = plain(input_ids=ids).logits[0, 0].item()
-    expected = (raw - plain.config.reward_offset) * plain.config.reward_scale
+        expected = plain(input_ids=ids).logits[0, 0].item()
     assert ours([prompt], [response]).item() == pytest.approx(expected, abs=1e-4)
 
 
@@ -131,7 +131,7 @@ def test_regression_reward_model_fits_ratings(tiny_dir, tmp_path):
     data = write_jsonl(tmp_path / "ratings.jsonl", rows)
     cfg = build_config(RMConfig, overrides=_run(**{
         "model.path": tiny_dir, "data.path": data, "data.eval_size": 40, "optim.lr": 1e-2, "optim.batch_size": 16,
-        "optim.epochs": 12, "run.output_dir": tmp_path / "reg", "run.progress": "false", "center_rewards": "false"}))
+        "optim.epochs": 12, "run.output_dir": tmp_path / "reg", "run.progress": "false"}))
     result = run_rm(cfg)
     targets = torch.tensor([r["score"] for r in rows])
     assert result.final_eval["mse"] < 0.3 * float(targets.var())
@@ -158,6 +158,31 @@ def test_margin_labels_change_the_loss_as_the_formula_says(tiny_dir, tiny_tokeni
     assert with_m.item() == pytest.approx(expected.item(), rel=1e-5)
     assert without.item() == pytest.approx(-torch.nn.functional.logsigmoid(delta).sum().item(), rel=1e-5)
     assert with_m.item() > without.item()
+    # the centring term c·(r_w + r_l)² (Eisenstein et al. 2023) is added per pair
+    with torch.no_grad():
+        centred, _ = pairwise_batch_loss(True, 0.5)(head, batch)
+    assert centred.item() == pytest.approx(expected.item() + 0.5 * float(((r[:3] + r[3:]) ** 2).sum()), rel=1e-5)
+
+
+def test_rm_trains_with_the_centring_coefficient_and_records_the_mean(tiny_dir, tmp_path, monkeypatch):
+    import alignkit.train.rm as rm
+
+    seen = []
+
+    def spy(chosen, rejected, margin=None, center_coef=0.0):
+        seen.append(center_coef)
+        return real(chosen, rejected, margin, center_coef)
+
+    real = rm.pairwise_rm_loss
+    monkeypatch.setattr(rm, "pairwise_rm_loss", spy)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    cfg = build_config(RMConfig, overrides=_run(**{
+        "model.path": tiny_dir, "data.path": data, "optim.batch_size": 4, "optim.max_steps": 2,
+        "run.output_dir": tmp_path / "rm", "run.progress": "false", "center_rewards_coefficient": 0.25}))
+    run_rm(cfg)
+    assert seen == [0.25, 0.25]
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert isinstance(saved["alignkit_reward_mean"], float) and "reward_offset" not in saved
 
 
 def test_rm_rejects_an_unknown_batching(tiny_dir, tmp_path, capsys):

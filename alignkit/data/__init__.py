@@ -51,10 +51,15 @@ from alignkit.data.records import (
 )
 from alignkit.data.report import DataError, DataReport
 from alignkit.data.tokenize import (
+    ASSISTANT_TURNS,
     IGNORE_INDEX,
+    ChatFormat,
+    chat_format,
     encode_prompt,
+    encode_responses,
     plain_chat,
     render_prompt,
+    stop_token_ids,
     tokenize_pair,
     tokenize_rated,
     tokenize_records,
@@ -125,6 +130,8 @@ def load_dataset_records(
 
 
 __all__ = [
+    "ASSISTANT_TURNS",
+    "ChatFormat",
     "DEFAULT_MARGIN_LABELS",
     "FORMATS",
     "IGNORE_INDEX",
@@ -145,7 +152,9 @@ __all__ = [
     "collate_sft",
     "collate_unpaired",
     "detect_format",
+    "chat_format",
     "encode_prompt",
+    "encode_responses",
     "has_splits",
     "implicit_prompt",
     "load_dataset_records",
@@ -159,6 +168,7 @@ __all__ = [
     "record_kind",
     "render_prompt",
     "split_rows",
+    "stop_token_ids",
     "tokenize_pair",
     "tokenize_rated",
     "tokenize_records",

@@ -77,6 +77,7 @@ from alignkit.data.records import (
     SFTExample,
     TextExample,
     UnpairedExample,
+    message_text,
 )
 from alignkit.data.report import (
     EMPTY_PROMPT,
@@ -113,7 +114,7 @@ LLAMA2_MARGIN_SMALL: dict[str, float] = {
     "unsure": 0.0,
 }
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
@@ -196,21 +197,38 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _messages(value, name: str, loc: str) -> Messages:
-    """Validate a list of chat messages and copy it as plain ``{"role", "content"}`` dicts."""
+    """Validate a list of chat messages and copy it as ``{"role", "content"}`` dicts (plus the
+    tool fields ``tool_calls``, ``tool_call_id``, ``name`` where given). List content
+    (``[{"type": "text", "text": ...}]``) becomes its text; an assistant message that only
+    calls tools may have no content."""
     expected = 'a list of chat messages {"role", "content"}'
     if not isinstance(value, list):
         raise _wrong_type(loc, name, expected, value)
     out = []
     for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise _wrong_type(loc, f"{name}[{i}]", 'a message {"role", "content"}', m)
         if m["role"] not in ROLES:
             raise DataError(
                 f"{loc}: field '{name}[{i}]' has role {m['role']!r}; expected one of {ROLES}"
             )
-        if not isinstance(m["content"], str):
-            raise _wrong_type(loc, f"{name}[{i}].content", "a string", m["content"])
-        out.append({"role": m["role"], "content": m["content"].strip()})
+        try:
+            content = message_text(m.get("content"), f"{name}[{i}].content")
+        except ValueError as e:
+            raise DataError(f"{loc}: field {e}") from None
+        message = {"role": m["role"], "content": content.strip()}
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function", c).get("name"), str) for c in calls
+            ):
+                raise _wrong_type(loc, f"{name}[{i}].tool_calls", "a list of calls "
+                                  '{"type": "function", "function": {"name", "arguments"}} on an assistant message', calls)
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if m.get(key) is not None:
+                message[key] = m[key]
+        out.append(message)
     return out
 
 
@@ -227,9 +245,9 @@ def _prompt(value, loc: str, name: str = "prompt") -> Messages:
         messages = _messages(value, name, loc)
     if not any(m["content"] for m in messages):
         raise _Skip(EMPTY_PROMPT)
-    if messages[-1]["role"] != "user":
+    if messages[-1]["role"] not in ("user", "tool"):
         raise DataError(
-            f"{loc}: field '{name}' must end with a user turn, it ends with "
+            f"{loc}: field '{name}' must end with a user turn (or a tool result), it ends with "
             f"{messages[-1]['role']!r}"
         )
     return messages
@@ -244,6 +262,9 @@ def _reply(value, name: str, loc: str) -> tuple[Messages | None, str]:
     messages = _messages(value, name, loc)
     if not messages or messages[-1]["role"] != "assistant":
         raise DataError(f"{loc}: field '{name}' must end with an assistant message")
+    if "tool_calls" in messages[-1]:
+        raise DataError(f"{loc}: field '{name}' ends with tool calls; a reply with tool calls is trained only "
+                        "from an sft 'messages' row")
     return messages[:-1], messages[-1]["content"]
 
 
@@ -529,19 +550,24 @@ def _sft(row: dict, loc: str, opt: NormaliseOptions) -> list[Record]:
             "sft` then trains on the chosen reply of each comparison"
         )
     if row.get("messages") is not None:
-        before, completion = _reply(row["messages"], "messages", loc)
-        if before is None:
+        if not isinstance(row["messages"], list):
             raise _wrong_type(loc, "messages", "a list of chat messages", row["messages"])
+        messages = _messages(row["messages"], "messages", loc)
+        if not messages or messages[-1]["role"] != "assistant":
+            raise DataError(f"{loc}: field 'messages' must end with an assistant message")
+        before, completion = messages[:-1], messages[-1]["content"]
         if not before:
             raise DataError(
                 f"{loc}: field 'messages' needs a user turn before the final assistant reply"
             )
         prompt = _prompt(before, loc, "messages")
-    else:
-        expected = "a string or a list of chat messages (or give 'messages' instead)"
-        prompt = _prompt(_get(row, "prompt", expected, loc, "sft"), loc)
-        completion = _get(row, "completion", expected, loc, "sft")
-        completion = _reply_to(prompt, completion, "completion", loc)
+        if not completion and "tool_calls" not in messages[-1]:
+            raise _Skip(EMPTY_RESPONSE)
+        return [SFTExample(prompt, completion, source=loc, messages=messages)]
+    expected = "a string or a list of chat messages (or give 'messages' instead)"
+    prompt = _prompt(_get(row, "prompt", expected, loc, "sft"), loc)
+    completion = _get(row, "completion", expected, loc, "sft")
+    completion = _reply_to(prompt, completion, "completion", loc)
     _nonempty(completion)
     return [SFTExample(prompt, completion, source=loc)]
 

@@ -1,7 +1,9 @@
 """Normalised records: what every input format becomes before tokenisation.
 
-A prompt is always a list of chat messages ``{"role": "system"|"user"|"assistant", "content": str}``
-ending with a user turn; responses are plain strings (the final assistant reply). ``source`` says
+A prompt is always a list of chat messages ``{"role": "system"|"user"|"assistant"|"tool",
+"content": str}`` ending with a user (or tool) turn; an assistant message may also carry
+``tool_calls`` and a tool message ``tool_call_id`` / ``name``, passed to the chat template as they
+are. Responses are plain strings (the final assistant reply). ``source`` says
 where the record came from (``"data.jsonl:17"``, ``"data.parquet[16]"``) so that errors and reports
 can point at the offending input.
 """
@@ -12,6 +14,31 @@ from dataclasses import dataclass
 
 Messages = list[dict]
 """A chat conversation: ``[{"role": "user", "content": "..."}, ...]``."""
+
+
+def message_text(content, where: str = "content") -> str:
+    """A message's content as text: a string as is, ``None`` (an assistant message that only
+    calls tools) as ``""``, and OpenAI/Hugging Face list content ``[{"type": "text", "text":
+    ...}, ...]`` as its text parts joined with nothing between them, which is how text-only and
+    multimodal chat templates render such lists. Other part types (images, audio) raise
+    ``ValueError``: alignkit trains on text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"'{where}[{i}]' is a {kind!r} part; only text parts "
+                                 '({"type": "text", "text": "..."}) can be trained on')
+        return "".join(texts)
+    raise ValueError(f"'{where}' must be a string or a list of text parts, got {type(content).__name__}")
 
 
 @dataclass
@@ -57,6 +84,11 @@ class SFTExample:
     prompt: Messages
     completion: str
     source: str = ""
+    messages: Messages | None = None
+    """The whole conversation when the record came from a ``messages`` row (``prompt`` then the
+    final assistant message, tool calls included): its earlier assistant turns are
+    demonstrations too (trained with ``assistant_turns="all"``, see
+    :mod:`alignkit.data.tokenize`). None for prompt/completion rows, whose prompt is context."""
 
 
 @dataclass

@@ -1,25 +1,49 @@
-"""Records -> token ids, with the prompt/response boundary exact and truncation counted.
+"""Records -> token ids, rendered by the tokenizer's chat template, with the prompt mask exact and
+truncation counted. docs/templates.md explains the conventions with examples.
 
-The prompt is rendered with the tokenizer's chat template (``add_generation_prompt=True``), or
-with the plain default below when the tokenizer has none, and tokenised on its own; each response
-is tokenised on its own as ``" " + response`` (no space when the rendered prompt already ends in
-whitespace, as some templates end with a newline) followed by EOS. Concatenating the two gives
-the training sequence, so the prompt mask is exact whatever the tokenizer merges across the
-boundary. If the tokenizer adds a BOS token by itself and the rendered prompt does not start with
-it, BOS is put in front of the prompt.
+**Rendering.** A conversation is rendered with the tokenizer's chat template, or with the plain
+HH layout of :func:`plain_chat` when the tokenizer has none. The prompt is the template's
+rendering with the generation prompt (``add_generation_prompt=True``); a response is what the
+template renders after that prompt when the reply is appended as an assistant turn: its text,
+then the template's **end of turn** and the text the template puts after it (the *trailer*). For
+ChatML the response of ``Hi`` is ``Hi<|im_end|>\\n``, for Llama 3 ``Hi<|eot_id|>``, for Gemma
+``Hi<end_of_turn>\\n``, for Mistral ``Hi</s>``, for the plain layout `` Hi<eos>\\n\\n``. The end of
+turn is read from the template once (:func:`chat_format`): the first special (added) token it
+renders after a reply. A template that renders none gets EOS inserted after every reply, since
+a model must learn some way to stop (the one case where the tokens differ from the template's).
 
-Truncation (``max_length`` for the whole sequence, ``max_prompt_length`` for the prompt):
+**Token-exactness.** The prompt is tokenised on its own (``add_special_tokens=False``, so a BOS
+the template renders is not doubled; BOS is put in front only when the tokenizer adds one by
+itself and the template does not render it). The response's ids are the tokens that tokenising
+prompt + response as one text adds after the prompt's ids, so prompt ids + response ids equal
+``tokenizer.apply_chat_template(prompt + [reply], tokenize=True)``, trailer included. When a
+token merges across the boundary (the whole text's ids do not start with the prompt's), the
+response is tokenised on its own instead: the prompt ids stay exactly those a policy is sampled
+from (:func:`encode_prompt`), so the prompt mask is exact and the training sequence is one that
+generation could produce; only that boundary token differs from the template's tokens.
+
+**What is trained.** The response tokens of every item, end of turn and trailer included (as in
+TRL's DPO and prompt/completion SFT). A multi-turn ``messages`` SFT record (``SFTExample`` with
+``messages``) trains every assistant turn by default (``assistant_turns="all"``: each turn's
+tokens from the end of its generation prompt through its end of turn and trailer; system, user
+and tool turns are context). Every assistant turn of such a record was written as a response to
+its context, so training only the last one discards most of the demonstrations; this is TRL's
+``assistant_only_loss``. ``assistant_turns="last"`` trains the final reply only.
+
+**Truncation** (``max_length`` for the whole sequence, ``max_prompt_length`` for the prompt):
 
 1. the prompt keeps its END (the latest turns): its beginning is cut to ``max_prompt_length``;
 2. if prompt + longest response is still over ``max_length``, responses keep their beginning and
-   lose their end (a cut response has no EOS); if the prompt alone leaves no room, it is cut
-   further so one response token remains. Set ``max_prompt_length`` to reserve response room.
+   lose their end (a cut response has no end of turn); if the prompt alone leaves no room, it is
+   cut further so one response token remains. Set ``max_prompt_length`` to reserve response room.
 
 Every example that lost a token is counted in the :class:`DataReport`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -31,77 +55,296 @@ from alignkit.data.records import (
     SFTExample,
     TextExample,
     UnpairedExample,
+    message_text,
 )
 from alignkit.data.report import DataReport
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 """Label of tokens that carry no loss (prompt, padding), as in PyTorch's cross-entropy."""
+
+ASSISTANT_TURNS = ("all", "last")
+"""Which assistant turns of a multi-turn ``messages`` SFT record are trained."""
+
+#: Reply text used to find where a template puts a reply and what it renders after it.
+_SENTINEL = "ALIGNKIT7REPLY7SENTINEL"
+_WARNED: set[str] = set()
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+
+def clean_messages(messages: Messages) -> Messages:
+    """Copies of ``messages`` with list-valued content flattened to text
+    (:func:`~alignkit.data.records.message_text`); other keys (``tool_calls``, ``tool_call_id``,
+    ``name``) are kept for the template."""
+    return [{**m, "content": message_text(m.get("content"), f"messages[{i}].content")}
+            for i, m in enumerate(messages)]
+
+
+def _tool_call_lines(message: dict) -> list[str]:
+    calls = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function", call)
+        calls.append("Tool call: " + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")},
+                                                ensure_ascii=False))
+    return calls
 
 
 def plain_chat(messages: Messages, eos_token: str = "", add_generation_prompt: bool = True) -> str:
     """The default chat format, identical to ``alignkit.models.factory.CHAT_TEMPLATE``.
 
     ``system\\n\\nHuman: ...\\n\\nAssistant: ...<eos>\\n\\n`` and, for generation, a final
-    ``Assistant:`` (Anthropic's HH-RLHF layout, so HH data reads as it was written).
+    ``Assistant:`` (Anthropic's HH-RLHF layout, so HH data reads as it was written). A tool
+    result is a ``Tool: ...\\n\\n`` turn; an assistant's tool calls follow its text, one line each:
+    ``Tool call: {"name": ..., "arguments": ...}`` (JSON).
     """
     parts = []
     for m in messages:
-        role, content = m["role"], m["content"]
+        role, content = m["role"], message_text(m.get("content"))
         if role == "system":
             parts.append(f"{content}\n\n")
         elif role == "user":
             parts.append(f"Human: {content}\n\n")
         elif role == "assistant":
-            parts.append(f"Assistant: {content}{eos_token}\n\n")
+            body = "\n".join(([content] if content else []) + _tool_call_lines(m))
+            parts.append(f"Assistant: {body}{eos_token}\n\n")
+        elif role == "tool":
+            parts.append(f"Tool: {content}\n\n")
         else:
-            raise ValueError(f"unknown chat role {role!r}; expected system, user or assistant")
+            raise ValueError(f"unknown chat role {role!r}; expected system, user, assistant or tool")
     if add_generation_prompt:
         parts.append("Assistant:")
     return "".join(parts)
 
 
+def render(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
+    """A conversation as the model sees it: the chat template, else :func:`plain_chat`."""
+    messages = clean_messages(messages)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return plain_chat(messages, tokenizer.eos_token or "", add_generation_prompt)
+
+
 def render_prompt(tokenizer, messages: Messages) -> str:
     """The prompt text the model sees: the chat template with the generation prompt, else
     :func:`plain_chat`."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return plain_chat(messages, tokenizer.eos_token or "")
+    return render(tokenizer, messages, add_generation_prompt=True)
+
+
+# ---- the template's end of turn ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a tokenizer's template ends an assistant turn (read by :func:`chat_format`)."""
+
+    end_of_turn: str
+    """Text that ends a reply: the template's first special token after it (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ``</s>``; the plain layout's EOS), with any text the template
+    puts before that token; EOS when the template renders no special token there."""
+    trailer: str
+    """What the template renders after the end of turn of a final reply (ChatML's and Gemma's
+    ``"\\n"``, the plain layout's ``"\\n\\n"``); part of every response's tokens."""
+    end_of_turn_id: int
+    """Token id of the end-of-turn token: the one a sampled response ends with."""
+    stop_ids: tuple[int, ...]
+    """Generation stops at any of these: the end of turn and EOS."""
+    inserted: bool
+    """True when the template renders no special token after a reply, so alignkit inserts EOS
+    after every reply."""
+
+
+def _added_tokens(tokenizer) -> list[str]:
+    """Special and added token strings, longest first (so the longest match wins a position)."""
+    tokens = set(tokenizer.get_added_vocab()) | set(tokenizer.all_special_tokens)
+    return sorted((t for t in tokens if t), key=len, reverse=True)
+
+
+def _first_token(text: str, tokens: list[str]) -> tuple[int, str] | None:
+    """(position, token) of the earliest added token in ``text`` (the longest at a position)."""
+    found = [(text.find(t), t) for t in tokens if t in text]
+    return min(found, key=lambda x: (x[0], -len(x[1]))) if found else None
+
+
+def chat_format(tokenizer) -> ChatFormat:
+    """The end of turn of ``tokenizer``'s chat template (or of :func:`plain_chat`).
+
+    Renders ``[user, assistant=SENTINEL]`` without a generation prompt and reads what follows the
+    reply: the end of turn is everything through the first special or added token there, the
+    trailer the rest.
+    """
+    eos = tokenizer.eos_token
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _SENTINEL}]
+    full = render(tokenizer, conversation, add_generation_prompt=False)
+    at = full.rfind(_SENTINEL)
+    if at < 0:
+        raise ValueError("the chat template does not render the assistant's reply (rendering a user turn and "
+                         f"an assistant turn gave {full!r}); alignkit needs a template that renders assistant turns")
+    after = full[at + len(_SENTINEL):]
+    hit = _first_token(after, _added_tokens(tokenizer))
+    if hit is None:
+        if eos is None:
+            raise ValueError("the tokenizer has no EOS token and its chat template renders no special token after "
+                             "a reply; responses must end with a token the model can learn to stop at")
+        if after not in _WARNED:  # once per template, not once per prompt encoded
+            _WARNED.add(after)
+            log.warning("the chat template renders no special token after a reply (%r); alignkit ends every reply "
+                        "with EOS %r, inserted before that text", after, eos)
+        end, trailer, inserted = eos, after, True
+    else:
+        pos, token = hit
+        end, trailer, inserted = after[: pos + len(token)], after[pos + len(token):], False
+    token = end if inserted else hit[1]
+    end_id = tokenizer.convert_tokens_to_ids(token)
+    stops = [end_id] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return ChatFormat(end, trailer, end_id, tuple(dict.fromkeys(stops)), inserted)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Token ids generation stops at: the template's end of turn and EOS."""
+    return list(chat_format(tokenizer).stop_ids)
+
+
+def reply_prefix(tokenizer, messages: Messages) -> str:
+    """The text a template puts between the rendered prompt ``messages`` and a reply's content
+    (``" "`` in the plain layout, ``""`` in ChatML; a thinking template's empty think block)."""
+    prompt = render_prompt(tokenizer, messages)
+    full = render(tokenizer, list(messages) + [{"role": "assistant", "content": _SENTINEL}], False)
+    at = full.find(_SENTINEL)
+    if full.startswith(prompt) and at >= len(prompt):
+        return full[len(prompt):at]
+    return "" if prompt[-1:].isspace() else " "
+
+
+# ---- encoding ----------------------------------------------------------------------------------
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class _Encoder:
-    """Tokenises prompts and responses; remembers the last prompt, which the consecutive pairs
-    of one ranking share."""
+    """Tokenises prompts and responses; remembers the last prompt, which the responses of one
+    pair (and the consecutive pairs of one ranking) share."""
 
-    def __init__(self, tokenizer):
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token; responses must end with one")
-        self.tokenizer = tokenizer
-        self.eos = tokenizer.eos_token_id
+    def __init__(self, tokenizer, assistant_turns: str = "all"):
+        if assistant_turns not in ASSISTANT_TURNS:
+            raise ValueError(f"assistant_turns must be one of {ASSISTANT_TURNS}, got {assistant_turns!r}")
+        self.tokenizer, self.assistant_turns = tokenizer, assistant_turns
+        self.fmt = chat_format(tokenizer)
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
         self.bos = bos if adds_bos else None
-        self._last: tuple[tuple, list[int], str] | None = None
+        self._last: tuple[str, str, list[int]] | None = None  # (key, prompt text, its ids)
+        self._warned = False
 
-    def prompt(self, messages: Messages) -> tuple[list[int], str]:
-        key = tuple((m["role"], m["content"]) for m in messages)
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        return [self.bos] + ids if self.bos is not None and ids[:1] != [self.bos] else ids
+
+    def _continue(self, before: str, before_ids: list[int], text: str) -> tuple[list[int], list[int]]:
+        """``(ids of text as it continues before, ids of before + text)``: the tokens that
+        tokenising the whole adds after ``before_ids``, or ``text``'s own tokens when a token
+        merges across the boundary (module doc)."""
+        whole = self._ids(before + text)
+        if whole[: len(before_ids)] == before_ids:
+            return whole[len(before_ids):], whole
+        return self._ids(text), whole
+
+    def _prompt(self, messages: Messages) -> tuple[str, list[int]]:
+        key = json.dumps(messages, sort_keys=True, default=str)
         if self._last is None or self._last[0] != key:
             text = render_prompt(self.tokenizer, messages)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if self.bos is not None and ids[:1] != [self.bos]:
-                ids = [self.bos] + ids
-            self._last = (key, ids, text)
-        _, ids, text = self._last
-        return list(ids), text  # a copy: items never share a list
+            self._last = (key, text, self._ids(text))
+        return self._last[1], self._last[2]
 
-    def response(self, text: str, prompt_text: str) -> list[int]:
-        sep = "" if prompt_text[-1:].isspace() else " "
-        return self.tokenizer(sep + text, add_special_tokens=False)["input_ids"] + [self.eos]
+    def prompt(self, messages: Messages) -> list[int]:
+        return self._with_bos(list(self._prompt(messages)[1]))  # a copy: items never share a list
 
+    def _eos_after_content(self, text: str, content: str) -> str:
+        """With a template that renders no end of turn: ``text`` (a final reply as rendered) with
+        EOS inserted after the reply's content, before the template's trailing text."""
+        at = text.find(content) if content else -1
+        cut = at + len(content) if at >= 0 else len(text) - _common_prefix(text[::-1], self.fmt.trailer[::-1])
+        return text[:cut] + self.fmt.end_of_turn + text[cut:]
 
-def encode_prompt(tokenizer, messages: Messages) -> list[int]:
-    """Prompt token ids exactly as the training items start (before truncation): for generation,
-    so a policy samples from the same context it was trained on."""
-    return _Encoder(tokenizer).prompt(messages)[0]
+    def _reply_text(self, prompt: Messages, reply: dict, prompt_text: str) -> str:
+        """What the template renders after ``prompt_text`` for ``reply``: reply, end of turn, trailer."""
+        full = render(self.tokenizer, list(prompt) + [reply], add_generation_prompt=False)
+        content = message_text(reply.get("content"))
+        if not full.startswith(prompt_text):
+            if not self._warned:
+                log.warning("the chat template renders a conversation's start differently when a reply follows; "
+                            "responses are rendered as prompt + reply + end of turn instead")
+                self._warned = True
+            sep = "" if prompt_text[-1:].isspace() else " "
+            return sep + content + self.fmt.end_of_turn + self.fmt.trailer
+        text = full[len(prompt_text):]
+        return self._eos_after_content(text, content) if self.fmt.inserted else text
+
+    def response(self, prompt: Messages, reply: dict | str) -> list[int]:
+        if isinstance(reply, str):
+            reply = {"role": "assistant", "content": reply}
+        prompt_text, prompt_ids = self._prompt(prompt)
+        return self._continue(prompt_text, prompt_ids, self._reply_text(prompt, reply, prompt_text))[0]
+
+    def conversation(self, messages: Messages) -> tuple[list[int], list[int], list[int]]:
+        """A multi-turn SFT conversation whose assistant turns are all trained:
+        ``(context ids, their labels, final reply ids)``; the context is the prompt of the final
+        reply, with the earlier assistant turns labelled."""
+        segments = self._turn_segments(clean_messages(messages))
+        ids, labels, text, text_ids = [], [], "", []
+        for segment, trained in segments[:-1]:
+            new, text_ids = self._continue(text, text_ids, segment)
+            text += segment
+            ids += new
+            labels += new if trained else [IGNORE_INDEX] * len(new)
+        ids = self._with_bos(ids)
+        labels = [IGNORE_INDEX] * (len(ids) - len(labels)) + labels
+        return ids, labels, self._continue(text, text_ids, segments[-1][0])[0]
+
+    def _turn_segments(self, messages: Messages) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, trained) pieces; the last piece is the final
+        reply. Each assistant turn's piece starts where its generation prompt ends and runs
+        through its end of turn and the trailer the template puts after it."""
+        tok, fmt = self.tokenizer, self.fmt
+        full = render(tok, messages, add_generation_prompt=False)
+        segments, pos = [], 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            head = render(tok, messages[:i], add_generation_prompt=True)
+            if not full.startswith(head) or len(head) < pos:
+                raise ValueError(
+                    f"the chat template renders the conversation before assistant turn {i} differently from its "
+                    "generation prompt, so the turn's tokens cannot be found; train the final reply only "
+                    "(data.assistant_turns=last)")
+            start = len(head)
+            if i == len(messages) - 1:  # the final reply runs to the end of the rendering
+                piece, end = full[start:], len(full)
+                if fmt.inserted:
+                    piece = self._eos_after_content(piece, m["content"])
+            else:
+                # the turn ends at its end of turn (after the content: EOS inserted there when the
+                # template renders none), then whatever of the trailer the template renders next
+                mark = m["content"] if fmt.inserted else fmt.end_of_turn
+                at = full.find(mark, start) if mark else -1
+                if at < 0:
+                    raise ValueError(f"cannot find where assistant turn {i} ends in the rendered conversation; "
+                                     "train the final reply only (data.assistant_turns=last)")
+                cut = at + len(mark)
+                end = cut + _common_prefix(full[cut:], fmt.trailer)
+                piece = full[start:cut] + (fmt.end_of_turn if fmt.inserted else "") + full[cut:end]
+            segments += [(full[pos:start], False), (piece, True)]
+            pos = end
+        return segments
 
 
 @dataclass(frozen=True)
@@ -122,38 +365,60 @@ class _Limits:
             )
 
 
-def _encode(
-    enc: _Encoder,
-    prompt: Messages,
-    responses: list[str],
+def _truncate(
+    prompt_ids: list[int],
+    response_ids: list[list[int]],
     limits: _Limits,
     report: DataReport | None,
     source: str,
-) -> tuple[list[int], list[list[int]]]:
-    """Token ids of the prompt and of each response to it, truncated as the module doc says."""
-    prompt_ids, text = enc.prompt(prompt)
-    response_ids = [enc.response(r, text) for r in responses]
+    prompt_labels: list[int] | None = None,
+) -> tuple[list[int], list[list[int]], list[int] | None]:
+    """Prompt ids (and their labels, for multi-turn SFT) and response ids cut as the module doc
+    says; the example is counted in ``report``."""
     cut_prompt = cut_response = False
-    if limits.max_prompt_length is not None and len(prompt_ids) > limits.max_prompt_length:
-        prompt_ids, cut_prompt = prompt_ids[-limits.max_prompt_length :], True  # latest turns
+    keep = len(prompt_ids)
+    if limits.max_prompt_length is not None and keep > limits.max_prompt_length:
+        keep, cut_prompt = limits.max_prompt_length, True  # the latest turns
     if limits.max_length is not None:
-        room = limits.max_length - len(prompt_ids)
+        room = limits.max_length - keep
         if room < 1:
-            prompt_ids, cut_prompt, room = prompt_ids[-(limits.max_length - 1) :], True, 1
+            keep, cut_prompt, room = limits.max_length - 1, True, 1
         if any(len(r) > room for r in response_ids):
             response_ids, cut_response = [r[:room] for r in response_ids], True
+    if cut_prompt:
+        prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+        prompt_labels = None if prompt_labels is None else prompt_labels[len(prompt_labels) - keep:]
     if report is not None:
         report.tokenized += 1
         if cut_prompt or cut_response:
             report.truncate(source, prompt=cut_prompt, response=cut_response)
+    return prompt_ids, response_ids, prompt_labels
+
+
+def _encode(enc: _Encoder, prompt: Messages, responses: list, limits: _Limits, report, source: str):
+    """Token ids of the prompt and of each response to it, truncated as the module doc says."""
+    prompt_ids = enc.prompt(prompt)
+    prompt_ids, response_ids, _ = _truncate(prompt_ids, [enc.response(prompt, r) for r in responses],
+                                            limits, report, source)
     return prompt_ids, response_ids
 
 
 def _sft(ex: SFTExample, enc: _Encoder, limits: _Limits, report: DataReport | None) -> dict:
-    prompt, (completion,) = _encode(enc, ex.prompt, [ex.completion], limits, report, ex.source)
+    messages = ex.messages
+    earlier = messages is not None and any(m["role"] == "assistant" for m in messages[:-1])
+    if earlier and enc.assistant_turns == "all":
+        try:
+            context, labels, completion = enc.conversation(messages)
+        except ValueError as e:
+            raise ValueError(f"{ex.source or 'an SFT record'}: {e}") from None
+        prompt, (completion,), labels = _truncate(context, [completion], limits, report, ex.source, labels)
+    else:
+        reply = messages[-1] if messages is not None else ex.completion
+        prompt, (completion,) = _encode(enc, ex.prompt, [reply], limits, report, ex.source)
+        labels = [IGNORE_INDEX] * len(prompt)
     return {
         "input_ids": prompt + completion,
-        "labels": [IGNORE_INDEX] * len(prompt) + completion,
+        "labels": labels + completion,
         "length": len(prompt) + len(completion),
     }
 
@@ -220,11 +485,24 @@ _BUILDERS = {
 }
 
 
-def _one(kind: type, record, tokenizer, max_length, max_prompt_length, report) -> dict:
+def encode_prompt(tokenizer, messages: Messages) -> list[int]:
+    """Prompt token ids exactly as the training items start (before truncation): for generation,
+    so a policy samples from the same context it was trained on."""
+    return _Encoder(tokenizer).prompt(messages)
+
+
+def encode_responses(tokenizer, prompts: list[Messages], responses: list[str]) -> list[list[int]]:
+    """Token ids of each response to its prompt exactly as the training items hold them (before
+    truncation): reply, end of turn and trailer."""
+    enc = _Encoder(tokenizer)
+    return [enc.response(p, r) for p, r in zip(prompts, responses)]
+
+
+def _one(kind: type, record, tokenizer, max_length, max_prompt_length, report, assistant_turns="all") -> dict:
     if not isinstance(record, kind):
         raise TypeError(f"expected a {kind.__name__}, got {type(record).__name__}")
     limits = _Limits(max_length, max_prompt_length)
-    return _BUILDERS[kind](record, _Encoder(tokenizer), limits, report)
+    return _BUILDERS[kind](record, _Encoder(tokenizer, assistant_turns), limits, report)
 
 
 def tokenize_sft(
@@ -233,9 +511,11 @@ def tokenize_sft(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     report: DataReport | None = None,
+    assistant_turns: str = "all",
 ) -> dict:
-    """``{"input_ids", "labels", "length"}``; labels are -100 on the prompt."""
-    return _one(SFTExample, example, tokenizer, max_length, max_prompt_length, report)
+    """``{"input_ids", "labels", "length"}``; labels are -100 on the prompt (and, for a
+    ``messages`` record, on every non-assistant turn; see ``assistant_turns`` in the module doc)."""
+    return _one(SFTExample, example, tokenizer, max_length, max_prompt_length, report, assistant_turns)
 
 
 def tokenize_pair(
@@ -277,11 +557,14 @@ def tokenize_records(
     max_length: int | None = None,
     max_prompt_length: int | None = None,
     report: DataReport | None = None,
+    assistant_turns: str = "all",
 ) -> tuple[list[dict], DataReport]:
-    """Tokenise any mix of records; returns the items and the report (a new one if none given)."""
+    """Tokenise any mix of records; returns the items and the report (a new one if none given).
+    ``assistant_turns`` ("all" or "last"): which assistant turns of multi-turn ``messages`` SFT
+    records are trained (module doc)."""
     limits = _Limits(max_length, max_prompt_length)
     report = report if report is not None else DataReport()
-    enc = _Encoder(tokenizer)
+    enc = _Encoder(tokenizer, assistant_turns)
     items = []
     for record in records:
         build = _BUILDERS.get(type(record))

@@ -16,12 +16,18 @@ import torch
 #: Chat template given to factory tokenizers. It is the same plain format that
 #: :func:`alignkit.data.tokenize.render_prompt` uses for tokenizers without a template, so the
 #: tiny models and any template-less HF model see conversations the same way:
-#: ``Human: ...\n\nAssistant: ...<eos>\n\n`` (Anthropic's HH-RLHF layout).
+#: ``Human: ...\n\nAssistant: ...<eos>\n\n`` (Anthropic's HH-RLHF layout), ``Tool: ...\n\n``
+#: for tool results and one ``Tool call: {json}`` line per call after an assistant's text.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}Human: {{ m['content'] }}\n\n"
-    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n"
+    "{% elif m['role'] == 'assistant' %}Assistant: {{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}{% set f = c.get('function') or c %}"
+    "{% if m['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "Tool call: {{ {'name': f.get('name'), 'arguments': f.get('arguments')} | tojson }}{% endfor %}"
+    "{{ eos_token }}\n\n"
+    "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n\n"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
@@ -49,28 +55,32 @@ class TinyModelConfig:
     """Share the input embedding and the unembedding (halves the parameter count of tiny models)."""
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, special_tokens: dict | None = None):
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it as a transformers fast tokenizer.
 
     Byte-level means every string is encodable (no unknown characters), as in GPT-2 and Llama 3.
-    The tokenizer gets ``<pad>``, ``<eos>``, ``<bos>`` and the :data:`CHAT_TEMPLATE`.
+    The tokenizer gets ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>`` and the :data:`CHAT_TEMPLATE`;
+    ``special_tokens`` replaces those names with others (transformers' keyword names:
+    ``{"eos_token": "<|endoftext|>", "pad_token": None, "additional_special_tokens": [...]}``),
+    e.g. to imitate a model family's vocabulary.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    names = special_tokens if special_tokens is not None else dict(pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK)
+    extra = list(names.get("additional_special_tokens", []))
+    named = {k: v for k, v in names.items() if k != "additional_special_tokens" and v}
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[PAD, EOS, BOS, UNK],
+        special_tokens=list(dict.fromkeys(list(named.values()) + extra)),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **named, additional_special_tokens=extra)
     fast.chat_template = CHAT_TEMPLATE
     # Training pads on the right; generation code pads prompts on the left itself.
     fast.padding_side = "right"

@@ -275,8 +275,21 @@ def sequence_rewards(head: torch.nn.Module, batch: dict, ends: Tensor | None = N
     return head(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"), positions=ends)
 
 
-def reward_calibration(model) -> tuple[float, float]:
-    """``(offset, scale)`` stored in a reward model's config by ``alignkit rm``: the reported
-    reward is ``(raw - offset) * scale`` so that a trained model scores around 0."""
+def check_reward_convention(model, where: str = "the reward model") -> None:
+    """Refuse a reward model saved by an older alignkit that calibrated at read time.
+
+    Such a model's ``config.json`` holds ``reward_offset`` (subtracted) and ``reward_scale``
+    (multiplied) that plain ``transformers`` ignores, so it would score differently inside and
+    outside alignkit. Models saved now are centred in training and have the scale folded into
+    the head (:func:`alignkit.train.rm.save_reward_model`), so the raw head output is the score.
+    A bias-free head cannot absorb an offset, hence a refusal rather than a silent fold."""
     cfg = _unwrap(model.model if isinstance(model, ScalarHead) else model).config
-    return float(getattr(cfg, "reward_offset", 0.0)), float(getattr(cfg, "reward_scale", 1.0))
+    offset, scale = float(getattr(cfg, "reward_offset", 0.0) or 0.0), float(getattr(cfg, "reward_scale", 1.0) or 1.0)
+    if offset != 0.0 or scale != 1.0:
+        raise ValueError(
+            f"{where} was saved by an older alignkit that scored (raw - reward_offset) * reward_scale with "
+            f"reward_offset={offset:g}, reward_scale={scale:g} from config.json; plain transformers ignores both, so "
+            "the model would score differently outside alignkit. Retrain it with `alignkit rm` (rewards are now "
+            "centred in training, see center_rewards_coefficient, and the scale is folded into the head), or delete "
+            "reward_offset and reward_scale from its config.json to use its raw scores"
+            + (f" (shifted by {offset:+g} from the old ones)." if offset else "."))

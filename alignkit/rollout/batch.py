@@ -12,14 +12,15 @@ episode. ``position_ids`` count from the first real prompt token, exactly as ``g
 so recomputed log-probs match the sampling distribution.
 
 The mask is the single source of truth for what reaches a loss: ``response_mask`` is 1 on the
-response tokens up to and including the first EOS, and 0 on padding and on anything a backend
-returned after EOS. Those positions are also replaced by padding in ``input_ids`` and excluded
+response tokens up to and including the first stop token (the chat template's end of turn or EOS,
+called EOS below), and 0 on padding and on anything a backend returned after it. Those positions are also replaced by padding in ``input_ids`` and excluded
 from ``attention_mask``, so they affect neither a loss nor (through attention) a kept position.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -84,8 +85,9 @@ class RolloutBatch:
         })
 
 
-def response_mask_from_ids(response_ids: Tensor, lengths: Tensor, eos_id: int) -> Tensor:
-    """(B, T) 1 on tokens up to and including the first EOS of each row, within ``lengths``.
+def response_mask_from_ids(response_ids: Tensor, lengths: Tensor, eos_id: int | Sequence[int]) -> Tensor:
+    """(B, T) 1 on tokens up to and including the first EOS of each row, within ``lengths``;
+    ``eos_id`` may be several stop ids (the end of turn and EOS).
 
     ``lengths`` (B,) is how many tokens the backend returned per row; anything past it (padding)
     and anything after the first EOS is masked out.
@@ -93,14 +95,19 @@ def response_mask_from_ids(response_ids: Tensor, lengths: Tensor, eos_id: int) -
     B, T = response_ids.shape
     positions = torch.arange(T).expand(B, T)  # (B, T)
     within = positions < lengths[:, None]
-    is_eos = (response_ids == eos_id) & within
+    is_eos = torch.isin(response_ids, _ids(eos_id)) & within
     # first EOS index per row (T when there is none): argmax of a bool finds the first True
     first_eos = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1), torch.full((B,), T))
     return (positions <= first_eos[:, None]) & within
 
 
-def build_rollout_batch(gens: Generations, pad_id: int, eos_id: int) -> RolloutBatch:
+def _ids(stop: int | Sequence[int]) -> Tensor:
+    return torch.tensor([stop] if isinstance(stop, int) else list(stop), dtype=torch.long)
+
+
+def build_rollout_batch(gens: Generations, pad_id: int, eos_id: int | Sequence[int]) -> RolloutBatch:
     """Tensors of a :class:`RolloutBatch` from a generator's output (lists of token ids).
+    ``eos_id``: the stop token id(s), :func:`alignkit.data.tokenize.stop_token_ids`.
 
     The response width T is the longest kept response (through its first EOS), so padding
     columns that no row uses are never created.
@@ -130,7 +137,7 @@ def build_rollout_batch(gens: Generations, pad_id: int, eos_id: int) -> RolloutB
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_min(0)  # as generate() derives them
     # A row "finished" iff its kept tokens end with EOS (whatever the backend reported).
     last = response_ids.gather(1, (response_mask.sum(1) - 1).clamp_min(0)[:, None]).squeeze(1)  # (B,)
-    finished = (last == eos_id) & response_mask.any(dim=1)
+    finished = torch.isin(last, _ids(eos_id)) & response_mask.any(dim=1)
     prompt_index = torch.tensor(gens.prompt_index if gens.prompt_index else list(range(B)), dtype=torch.long)
     return RolloutBatch(
         input_ids=input_ids,

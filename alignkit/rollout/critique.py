@@ -8,8 +8,8 @@ The critic (trained by ``alignkit critic``) first writes a critique, then a verd
    o_k from the model: p_k = exp(ℓ_k) / Σ_j exp(ℓ_j), where ℓ_k = log π(o_k | prompt, critique,
    "Verdict:"). When every option is a single token (``A``/``B``, ``1``..``5`` with the usual
    tokenizers) this is the softmax of the next-token logits restricted to the option tokens; else
-   ℓ_k is the option's summed token log-prob with EOS appended (so no option is a prefix of
-   another). The p_k sum to one over the options by construction.
+   ℓ_k is the option's summed token log-prob with the chat template's end of turn appended (so no
+   option is a prefix of another). The p_k sum to one over the options by construction.
 
 Pairwise: P(a ≻ b) = p_A for the prompt showing a as A and b as B. A critic may favour a position;
 with ``average_orders=True`` both orders are judged and averaged,
@@ -169,18 +169,20 @@ class CritiqueReward(RewardSource):
         return critiques, verdict_probs(self.model, contexts, tails, self.tokenizer.pad_token_id, self.batch_size)
 
     def _separator(self, messages: Messages) -> str:
-        """What the data layer puts between prompt and response: a space, unless the rendered
-        prompt already ends in whitespace (the same for every prompt of one chat template)."""
-        from alignkit.data import render_prompt
+        """What the chat template puts between the prompt and a reply's text (the same for every
+        prompt of one template): a space in the plain layout, nothing in ChatML."""
+        from alignkit.data.tokenize import reply_prefix
 
-        return "" if render_prompt(self.tokenizer, messages)[-1:].isspace() else " "
+        return reply_prefix(self.tokenizer, messages)
 
     def _option_tails(self, sep: str, critique: str, options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
         """Token ids of the completion up to where the options differ, and each option's tail.
 
         Each option's completion is tokenised whole, exactly as training tokenised it, and the
         common prefix split off. If every tail is one token, tails are read from one next-token
-        distribution; otherwise EOS is appended so no tail is a prefix of another."""
+        distribution; otherwise the end of turn is appended so no tail is a prefix of another."""
+        from alignkit.data.tokenize import chat_format
+
         tok = self.tokenizer
         full = [tok(sep + self.template.completion(critique, o), add_special_tokens=False)["input_ids"] for o in options]
         n = 0
@@ -188,7 +190,8 @@ class CritiqueReward(RewardSource):
             n += 1
         tails = [f[n:] for f in full]
         if not all(len(t) == 1 for t in tails) or len({t[0] for t in tails}) < len(tails):
-            tails = [t + [tok.eos_token_id] for t in tails]
+            end = chat_format(tok).end_of_turn_id
+            tails = [t + [end] for t in tails]
         return full[0][:n], tails
 
 

@@ -4,7 +4,7 @@ A :class:`Generator` turns chat prompts into sampled responses: ``generate(promp
 ``n`` samples per prompt (consecutive: prompt i's samples are rows ``i*n .. i*n+n-1``). The
 trainers and evaluators only use this interface; :class:`HFGenerator` implements it with
 ``transformers``' ``generate`` (KV cache, left-padded batches, temperature / top-p / top-k, stop
-on EOS). A vLLM-backed generator on GPU would implement the same method.
+at the chat template's end of turn or EOS, see :func:`alignkit.data.tokenize.chat_format`). A vLLM-backed generator on GPU would implement the same method.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class SamplingConfig:
     """How responses are sampled."""
 
     max_new_tokens: int = 48
-    """Longest response in tokens; a response that reaches it without EOS is 'unfinished'."""
+    """Longest response in tokens; a response that reaches it without an end of turn or EOS is 'unfinished'."""
     temperature: float = 1.0
     """Softmax temperature (0 = greedy)."""
     top_p: float = 1.0
@@ -38,11 +38,11 @@ class Generations:
     prompt_ids: list[list[int]]
     """Token ids of the prompt each sample continues (without padding)."""
     response_ids: list[list[int]]
-    """Generated token ids, up to and including EOS when the sample finished."""
+    """Generated token ids, up to and including the stop token (end of turn or EOS) when the sample finished."""
     texts: list[str]
-    """Decoded responses, without EOS and surrounding whitespace."""
+    """Decoded responses, without the stop token and surrounding whitespace."""
     finished: list[bool]
-    """Whether the sample ended with EOS before `max_new_tokens`."""
+    """Whether the sample ended with a stop token (the template's end of turn or EOS) before `max_new_tokens`."""
     prompt_index: list[int] = field(default_factory=list)
     """Index into the prompts given to `generate` of each sample's prompt."""
 
@@ -65,15 +65,19 @@ class HFGenerator(Generator):
     """``transformers`` ``generate`` with the KV cache on left-padded batches."""
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig | None = None, max_prompt_length: int = 384):
+        from alignkit.data.tokenize import stop_token_ids
+
         self.model, self.tokenizer = model, tokenizer
         self.sampling = sampling or SamplingConfig()
         self.max_prompt_length = max_prompt_length
+        self.stop_ids = stop_token_ids(tokenizer)
+        """Sampling stops at any of these: the chat template's end of turn and EOS."""
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None) -> Generations:
         s = self.sampling
         tok = self.tokenizer
-        eos, pad = tok.eos_token_id, tok.pad_token_id
+        stops, pad = set(self.stop_ids), tok.pad_token_id
         model = self.model
         device = next(model.parameters()).device
         expanded = [(i, ids[-self.max_prompt_length :]) for i, ids in enumerate(prompt_ids) for _ in range(n)]
@@ -89,7 +93,7 @@ class HFGenerator(Generator):
             for r, (_, ids) in enumerate(chunk):  # left padding: the new tokens line up on the right
                 input_ids[r, width - len(ids) :] = torch.tensor(ids)
                 attention[r, width - len(ids) :] = 1
-            kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True)
+            kwargs = dict(max_new_tokens=s.max_new_tokens, eos_token_id=list(self.stop_ids), pad_token_id=pad, use_cache=True)
             if s.temperature > 0:
                 # top_k=0 (not None): transformers fills None with its default top_k=50, silently truncating
                 # the distribution the policy's log-probs are computed under.
@@ -104,16 +108,16 @@ class HFGenerator(Generator):
                 resp, finished = [], False
                 for t in row:
                     resp.append(t)
-                    if t == eos:
+                    if t in stops:
                         finished = True
                         break
-                # generate pads finished rows with pad; if pad == eos, the break above already stopped
+                # generate pads finished rows with pad; if pad is a stop token, the break above already stopped
                 out_prompt.append(list(ids))
                 out_resp.append(resp)
                 out_fin.append(finished)
                 out_idx.append(i)
         model.train(was_training)
-        texts = [tok.decode([t for t in r if t != eos], skip_special_tokens=True).strip() for r in out_resp]
+        texts = [tok.decode([t for t in r if t not in stops], skip_special_tokens=True).strip() for r in out_resp]
         return Generations(out_prompt, out_resp, texts, out_fin, out_idx)
 
     def generate(self, prompts: list[list[dict]], n: int = 1, seed: int | None = None) -> Generations:

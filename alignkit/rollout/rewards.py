@@ -4,7 +4,8 @@ One small interface, :class:`RewardSource`: ``source(prompts, responses) -> Tens
 prompt is a list of chat messages and a response a string. Trainers and evaluators take any
 source and never ask which kind it is:
 
-- :class:`RewardModel`: a trained scalar-head model (``alignkit rm``), centred and scaled;
+- :class:`RewardModel`: a trained scalar-head model (``alignkit rm``): the head at the last token
+  of the conversation its chat template renders, the same number plain ``transformers`` gives;
 - :class:`FunctionReward`: any Python function ``f(prompt, response) -> float``;
 - :class:`WeightedSum`: Σ_i w_i · r_i(x, y);
 - :class:`SafetyGated`: Llama 2's gating (§3.2.2, eq. 4): use the safety score when the prompt
@@ -47,12 +48,17 @@ class FunctionReward(RewardSource):
 
 
 class RewardModel(RewardSource):
-    """A saved scalar-head reward model; scores are ``(raw − reward_offset) · reward_scale``."""
+    """A saved scalar-head reward model. The score of (prompt, response) is the head's output at
+    the last token of ``prompt + [assistant response]`` as the model's chat template renders it
+    (end of turn and trailer included), truncated as the training data was: exactly what
+    ``AutoModelForSequenceClassification`` returns on ``tokenizer.apply_chat_template(...)``
+    text (docs/templates.md). Models of older alignkit versions that calibrated at read time are
+    refused (:func:`~alignkit.models.heads.check_reward_convention`)."""
 
     def __init__(self, path_or_head, tokenizer=None, name: str = "reward_model", batch_size: int = 32,
                  max_length: int = 512, max_prompt_length: int = 384, device: str | torch.device = "cpu"):
         from alignkit.config import ModelConfig
-        from alignkit.models.heads import ScalarHead
+        from alignkit.models.heads import ScalarHead, check_reward_convention
         from alignkit.models.loading import load_reward_model, load_tokenizer
 
         if isinstance(path_or_head, str):  # refused unless it is a trained reward model
@@ -60,6 +66,7 @@ class RewardModel(RewardSource):
             self.tokenizer = tokenizer or load_tokenizer(path_or_head)
         else:
             self.head, self.tokenizer = path_or_head, tokenizer
+        check_reward_convention(self.head, str(path_or_head) if isinstance(path_or_head, str) else name)
         self.head.to(device).eval()
         self.device = device
         self.name, self.batch_size = name, batch_size
@@ -68,18 +75,17 @@ class RewardModel(RewardSource):
     @torch.no_grad()
     def __call__(self, prompts, responses):
         from alignkit.data import RatedExample, collate_rated, tokenize_records
-        from alignkit.models.heads import reward_calibration, sequence_rewards
+        from alignkit.models.heads import sequence_rewards
 
         self._check(prompts, responses)
         records = [RatedExample(prompt=list(p), response=r, score=0.0) for p, r in zip(prompts, responses)]
         items, _ = tokenize_records(records, self.tokenizer, max_length=self.max_length,
                                     max_prompt_length=self.max_prompt_length)
-        offset, scale = reward_calibration(self.head)
         out = []
         for i in range(0, len(items), self.batch_size):
             batch = collate_rated(items[i : i + self.batch_size], self.tokenizer.pad_token_id)
             batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-            out.append(((sequence_rewards(self.head, batch) - offset) * scale).float().cpu())
+            out.append(sequence_rewards(self.head, batch).float().cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
 

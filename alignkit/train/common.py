@@ -86,7 +86,8 @@ def prepare_data(data: DataConfig, tokenizer, seed: int, expect: tuple[str, ...]
     if comparisons:
         print(f"[alignkit] {name}: {data.path} holds comparisons (format {', '.join(comparisons)}): training on the "
               "chosen reply of each comparison (the best reply of a ranking)")
-    lengths = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length)
+    lengths = dict(max_length=data.max_length, max_prompt_length=data.max_prompt_length,
+                   assistant_turns=data.assistant_turns)
     train, _ = tokenize_records(train_records, tokenizer, report=report, **lengths)
     evals, _ = tokenize_records(eval_records, tokenizer, report=eval_report or report, **lengths)
     print(f"[alignkit] {name} data: {len(train)} train / {len(evals)} eval items\n{report.summary()}")

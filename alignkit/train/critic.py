@@ -119,7 +119,7 @@ def conversation_text(prompt: Messages) -> str:
     ``Human: ...`` / ``Assistant: ...`` lines (``System: ...`` first if any)."""
     if len(prompt) == 1 and prompt[0]["role"] == "user":
         return prompt[0]["content"]
-    names = {"system": "System", "user": "Human", "assistant": "Assistant"}
+    names = {"system": "System", "user": "Human", "assistant": "Assistant", "tool": "Tool"}
     return "\n".join(f"{names[m['role']]}: {m['content']}" for m in prompt)
 
 
@@ -226,22 +226,26 @@ def extend_tokenizer(tokenizer, words: list[str]) -> int:
 
 
 def mark_verdicts(items: list[dict], examples: list[SFTExample], tokenizer, template: CritiqueTemplate) -> list[dict]:
-    """Add ``verdict_tokens`` to each tokenised SFT item: how many of its last label tokens (before
-    EOS) are the verdict, 0 when truncation cut the verdict off."""
-    from alignkit.data import render_prompt
+    """Add ``verdict_tokens`` to each tokenised SFT item: how many of its label tokens just before
+    the end of turn are the verdict (0 when truncation cut the verdict off), and
+    ``end_tokens``: how many label tokens follow the verdict (the end of turn and trailer)."""
+    from alignkit.data.tokenize import encode_responses
 
-    if not examples:
-        return items
-    sep = "" if render_prompt(tokenizer, examples[0].prompt)[-1:].isspace() else " "  # as the data layer
-    for item, ex in zip(items, examples):
-        full = tokenizer(sep + ex.completion, add_special_tokens=False)["input_ids"]
-        head = tokenizer(sep + ex.completion.rsplit(template.verdict_prefix, 1)[0] + template.verdict_prefix,
-                         add_special_tokens=False)["input_ids"]
+    # the responses as the data layer tokenised them, and their starts up to the verdict prefix (each
+    # with the end of turn): their common start precedes the verdict, the head's rest is the end
+    prompts = [ex.prompt for ex in examples]
+    fulls = encode_responses(tokenizer, prompts, [ex.completion for ex in examples])
+    heads = encode_responses(tokenizer, prompts, [ex.completion.rsplit(template.verdict_prefix, 1)[0]
+                                                  + template.verdict_prefix for ex in examples])
+    for item, full, head in zip(items, fulls, heads):
         n = 0
         while n < min(len(full), len(head)) and full[n] == head[n]:
             n += 1
+        end = len(head) - n
         labelled = sum(t != -100 for t in item["labels"])
-        item["verdict_tokens"] = len(full) - n if labelled == len(full) + 1 else 0  # + 1: EOS
+        whole = labelled == len(full) and full[len(full) - end:] == head[n:]  # not truncated
+        item["verdict_tokens"] = len(full) - n - end if whole else 0
+        item["end_tokens"] = end
     return items
 
 
@@ -263,7 +267,7 @@ def build_critic_task(items: list[dict], eval_items: list[dict], pad_id: int, ve
         batch = collate_sft(batch_items, pad_id)
         verdict = torch.zeros(batch["labels"].shape, dtype=torch.bool)  # (B, T)
         for i, it in enumerate(batch_items):
-            end = len(it["input_ids"]) - 1  # EOS position; the verdict tokens come right before it
+            end = len(it["input_ids"]) - it.get("end_tokens", 1)  # end of turn; the verdict comes right before it
             verdict[i, end - it.get("verdict_tokens", 0) : end] = True
         batch["verdict_mask"] = verdict
         batch["loss_weights"] = (batch["labels"] != -100).float() * torch.where(verdict, verdict_weight, 1.0)

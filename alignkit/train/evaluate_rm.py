@@ -46,13 +46,14 @@ class ScoreConfig:
 def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.data import load_dataset_records, tokenize_records
     from alignkit.data.formats import DEFAULT_MARGIN_LABELS
-    from alignkit.models.heads import ScalarHead
+    from alignkit.models.heads import ScalarHead, check_reward_convention
     from alignkit.models.loading import load_reward_model, load_tokenizer
     from alignkit.train.common import eval_source
-    from alignkit.train.rm import calibrated, pairwise_metrics, score_pairs
+    from alignkit.train.rm import pairwise_metrics, score_pairs
 
     tokenizer = load_tokenizer(cfg.model)
     head = ScalarHead(load_reward_model(cfg.model))
+    check_reward_convention(head, cfg.model.path)
     d = cfg.data
     eval_path, eval_split = eval_source(d)
     if eval_path and cfg.split_eval:
@@ -71,7 +72,6 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     items, _ = tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length, report=report)
     print(report.summary())
     chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size)
-    chosen, rejected = calibrated(chosen, head), calibrated(rejected, head)
     # Bucket names: the numeric margin, with the label(s) that map to it (0 is also "no margin").
     names: dict[float, list[str]] = {}
     for k, v in {**DEFAULT_MARGIN_LABELS, **(d.margin_labels or {})}.items():

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from alignkit.advantages import grpo_advantages, rloo_advantages
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss
 from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
 from alignkit.ops import entropy_from_logits, kl_estimate, masked_mean
@@ -149,7 +150,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
         with loop.timed("generation"):
             rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
             gens = generator.generate(rollout_prompts, n=G, seed=loop.sampling_seed(k))  # groups are consecutive rows
-            batch = build_rollout_batch(gens, tokenizer.pad_token_id, tokenizer.eos_token_id).to(loop.device)
+            batch = build_rollout_batch(gens, tokenizer.pad_token_id, stop_token_ids(tokenizer)).to(loop.device)
         with loop.timed("scoring"):
             sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]
             raw, scores = score_responses(reward, sample_prompts, gens.texts, batch.finished, cfg.reward.unfinished_penalty)

@@ -32,6 +32,7 @@ import torch
 
 from alignkit.advantages import LagrangeMultiplier, gae, kl_penalized_rewards, lagrangian_scores
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss, ppo_value_loss
 from alignkit.models.heads import ScalarHead
 from alignkit.models.loading import Reference, load_causal_lm, load_scalar_head_model, load_tokenizer, save_model
@@ -244,7 +245,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
         with loop.timed("generation"):
             rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
             gens = generator.generate(rollout_prompts, n=cfg.rollout.samples_per_prompt, seed=loop.sampling_seed(k))
-            batch = build_rollout_batch(gens, tokenizer.pad_token_id, tokenizer.eos_token_id).to(loop.device)
+            batch = build_rollout_batch(gens, tokenizer.pad_token_id, stop_token_ids(tokenizer)).to(loop.device)
         # 2. score, and the log-probs / values at sampling time
         with loop.timed("scoring"):
             sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]

@@ -5,23 +5,34 @@ Pairwise (Bradley–Terry) loss with an optional margin from the labels (Llama 2
     L(φ) = − log σ( r_φ(x, y_w) − r_φ(x, y_l) − m(r) )
 
 Regression on scalar ratings: L(φ) = (r_φ(x, y) − s)². Both read r at the last token of the
-response. The model starts from an SFT directory: its unembedding is replaced by a one-output
-head. After training the rewards are centred: the mean raw reward on the training responses is
-stored as ``reward_offset`` in ``config.json`` (with ``reward_scale``), and alignkit reports
-``(raw − offset) · scale`` so a saved model scores around 0.
+conversation as the chat template renders it (end of turn and trailer included). The model starts
+from an SFT directory: its unembedding is replaced by a one-output head.
+
+Centring is learned, not subtracted: the pairwise loss adds c · (r_w + r_l)² (Eisenstein et al.
+2023; ``center_rewards_coefficient``), since the Bradley–Terry term alone leaves the level of the
+rewards free. The saved directory scores the same in alignkit and in plain ``transformers``
+(``AutoModelForSequenceClassification`` on ``apply_chat_template`` text): ``reward_scale`` is
+folded into the head's weights, nothing is subtracted at read time, and the pad token is one that
+cannot end a conversation (:func:`save_reward_model`; docs/templates.md). The mean reward of the
+training data, measured in the training forward passes, is stored as ``alignkit_reward_mean``
+for information (the mean over the last 512 training sequences; folded into the head's bias
+where it has one).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import copy
+import re
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data import collate_pairs, collate_rated
 from alignkit.losses import pairwise_rm_loss, regression_rm_loss
-from alignkit.models.heads import ScalarHead, reward_calibration, sequence_rewards
+from alignkit.models.heads import ScalarHead, sequence_rewards
 from alignkit.models.identity import reward_model_marker
 from alignkit.models.loading import load_scalar_head_model, load_tokenizer, save_model
 from alignkit.train.common import (
@@ -46,16 +57,18 @@ class RMConfig:
     """'pairwise' (Bradley–Terry on comparisons), 'regression' (MSE on ratings) or 'auto' (from the data)."""
     use_margin: bool = True
     """Subtract the labelled margin m(r) inside the pairwise loss (Llama 2); false ignores margins."""
-    center_rewards: bool = True
-    """After training, store the mean training reward as `reward_offset` so scores centre on 0."""
+    center_rewards_coefficient: float = 0.01
+    """Pairwise only: weight c of the centring term c·(r_chosen + r_rejected)² that pulls the mean reward toward 0 during training (Eisenstein et al. 2023; TRL's value); 0 = off. Nothing is subtracted at read time."""
     reward_scale: float = 1.0
-    """Multiplier applied to centred rewards when scoring (stored in config.json)."""
+    """Multiplier folded into the saved head's weights, so every reader (alignkit or plain transformers) gets scaled scores."""
     batching: str = "auto"
     """Pairwise only: padded, padding_free (pairs packed in one row), prefix_shared (one row prompt ‖ chosen ‖ rejected per pair, the prompt computed once), auto (padding_free if run.padding_free else padded)."""
 
     def validate(self) -> None:
         if self.objective not in ("auto", "pairwise", "regression"):
             raise ValueError(f"objective must be auto, pairwise or regression; got {self.objective!r}")
+        if self.center_rewards_coefficient < 0:
+            raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
         self.batching_name()
 
     def batching_name(self) -> str:
@@ -66,23 +79,49 @@ class RMConfig:
 # ---- losses per batch ------------------------------------------------------------------------
 
 
-def pairwise_batch_loss(use_margin: bool):
+class RewardMean:
+    """Mean reward over the latest ``window`` training sequences, collected from the training
+    forward passes themselves: no extra pass after training."""
+
+    def __init__(self, window: int):
+        self.window, self.parts, self.count = max(1, window), deque(), 0
+
+    def add(self, rewards: torch.Tensor) -> None:
+        r = rewards.detach().float()
+        self.parts.append((float(r.sum()), r.numel()))
+        self.count += r.numel()
+        while self.count - self.parts[0][1] >= self.window:  # drop what the window no longer covers
+            self.count -= self.parts.popleft()[1]
+
+    @property
+    def mean(self) -> float:
+        return sum(s for s, _ in self.parts) / self.count if self.count else float("nan")
+
+
+def pairwise_batch_loss(use_margin: bool, center_coef: float = 0.0, seen: RewardMean | None = None):
     def loss(head, batch):
         # (2B,): chosen block then rejected block; packed rows name each sequence's last token.
         rewards = sequence_rewards(head, batch, ends=batch.get("last_index"))
+        if seen is not None:
+            seen.add(rewards)
         b = rewards.shape[0] // 2
         margin = batch["margin"] if use_margin else None
-        losses, metrics = pairwise_rm_loss(rewards[:b], rewards[b:], margin)  # (B,)
+        losses, metrics = pairwise_rm_loss(rewards[:b], rewards[b:], margin, center_coef)  # (B,)
         weight = batch["weight"]
         return (losses * weight).sum(), {k: float(v) for k, v in metrics.items()}
 
     return loss
 
 
-def regression_batch_loss(head, batch):
-    rewards = sequence_rewards(head, batch)  # (B,)
-    losses, metrics = regression_rm_loss(rewards, batch["score"])
-    return losses.sum(), {k: float(v) for k, v in metrics.items()}
+def regression_batch_loss(seen: RewardMean | None = None):
+    def loss(head, batch):
+        rewards = sequence_rewards(head, batch)  # (B,)
+        if seen is not None:
+            seen.add(rewards)
+        losses, metrics = regression_rm_loss(rewards, batch["score"])
+        return losses.sum(), {k: float(v) for k, v in metrics.items()}
+
+    return loss
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -166,11 +205,15 @@ def run_rm(cfg: RMConfig):
         raise ValueError(f"rm: objective={objective} needs {needed} records, but {cfg.data.path} gave {sorted(kinds)}")
     pad = tokenizer.pad_token_id
     head = ScalarHead(load_scalar_head_model(cfg.model))
+    # the latest sequences of training (with several processes, of this process's shard): recent
+    # enough to describe the final model, many enough to average out the batches
+    seen = RewardMean(min(512, (2 if objective == "pairwise" else 1) * len(data.train)))
     if objective == "pairwise":
         batching = PAIR_COLLATES[cfg.batching_name()]
         check_batching(cfg.batching_name(), head.model)
         task = Task(
-            items=data.train, collate=lambda b: batching(b, pad), loss=pairwise_batch_loss(cfg.use_margin),
+            items=data.train, collate=lambda b: batching(b, pad),
+            loss=pairwise_batch_loss(cfg.use_margin, cfg.center_rewards_coefficient, seen),
             units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad),
             groups=[it.get("group", -1) for it in data.train] if cfg.data.group_rankings else None, name="rm",
         )
@@ -178,7 +221,7 @@ def run_rm(cfg: RMConfig):
         if cfg.run.padding_free or cfg.batching not in ("auto", "padded"):
             print("[alignkit] rm: run.padding_free and batching apply to pairwise reward models; ratings use padded batches")
         task = Task(
-            items=data.train, collate=lambda b: collate_rated(b, pad), loss=regression_batch_loss,
+            items=data.train, collate=lambda b: collate_rated(b, pad), loss=regression_batch_loss(seen),
             units=lambda b: float(b["score"].numel()), evaluate=_evaluator("regression", data.eval, pad), name="rm",
         )
     trainer = Trainer(head, task, cfg.optim, cfg.run, config=cfg)
@@ -186,22 +229,109 @@ def run_rm(cfg: RMConfig):
     if trainer.acc.is_main_process:
         head = trainer.unwrapped()
         head.eval()
-        offset = 0.0
-        if cfg.center_rewards:
-            sample = data.train[:512]
-            if objective == "pairwise":
-                c, r = score_pairs(head, sample, pad)
-                offset = float(torch.cat([c, r]).mean())
-            else:
-                offset = float(score_rated(head, sample, pad).mean())
-        save_model(head.model, tokenizer, cfg.run.output_dir,
-                   extra_config={"reward_offset": offset, "reward_scale": cfg.reward_scale, "alignkit_objective": objective,
-                                 **reward_model_marker(objective=objective)})
-        print(f"[alignkit] saved reward model to {cfg.run.output_dir} (reward_offset={offset:.4f}, reward_scale={cfg.reward_scale})")
+        mean = save_reward_model(head.model, tokenizer, cfg.run.output_dir, cfg.reward_scale, seen.mean,
+                                 extra_config={"alignkit_objective": objective, **reward_model_marker(objective=objective)})
+        print(f"[alignkit] saved reward model to {cfg.run.output_dir} (mean training reward {mean:.4f}, "
+              f"reward_scale {cfg.reward_scale:g} folded into the head)")
     return result
 
 
-def calibrated(raw: torch.Tensor, head) -> torch.Tensor:
-    """Centred and scaled reward from raw head outputs."""
-    offset, scale = reward_calibration(head)
-    return (raw - offset) * scale
+# ---- saving: one score everywhere -----------------------------------------------------------------
+
+#: Names of special tokens that never occur in text and can serve as padding.
+_SPARE = re.compile(r"pad|reserved|unused", re.IGNORECASE)
+_PAD = "<|pad|>"
+
+
+def _head_linears(model) -> list[torch.nn.Linear]:
+    """The head's output projection(s): every one-output linear under ``score`` (decoders) or
+    ``classifier`` (encoders), the copies a peft wrapper keeps included."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score", None) or getattr(base, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has neither a `score` nor a `classifier` head")
+    return [m for m in head.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 1]
+
+
+def _terminator_ids(tokenizer) -> set[int]:
+    """Ids that can end a rendered conversation: EOS and the template's end of turn and trailer."""
+    from alignkit.data.tokenize import chat_format
+
+    fmt = chat_format(tokenizer)
+    ids = set(tokenizer(fmt.end_of_turn + fmt.trailer, add_special_tokens=False)["input_ids"])
+    return ids | {fmt.end_of_turn_id} | ({tokenizer.eos_token_id} - {None})
+
+
+def reward_pad_token(tokenizer) -> tuple[str, bool]:
+    """A pad token for a saved reward model that cannot end a conversation: ``(token, added)``.
+
+    transformers' ``*ForSequenceClassification`` reads the reward at the rightmost token that is
+    not ``pad_token_id``; if padding were EOS or the end of turn (pad == eos is common), it would
+    read one token early. The tokenizer's own pad token when it is not such a token; else an
+    unused special token of the vocabulary (its name says pad, reserved or unused); else a new
+    ``<|pad|>`` (``added``: the embeddings need one more row)."""
+    taken = _terminator_ids(tokenizer)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in taken:
+        return tokenizer.pad_token, False
+    reserved = {tokenizer.bos_token_id, tokenizer.unk_token_id} | taken
+    spare = sorted((("pad" not in t.lower(), i, t) for t, i in tokenizer.get_added_vocab().items()
+                    if _SPARE.search(t) and i not in reserved))
+    if spare:
+        return spare[0][2], False
+    return _PAD, True
+
+
+def save_reward_model(model, tokenizer, out_dir: str | Path, reward_scale: float = 1.0,
+                      reward_mean: float | None = None, extra_config: dict | None = None) -> float:
+    """Save a reward model so that plain transformers scores exactly as alignkit does.
+
+    Given ``AutoModelForSequenceClassification`` and the saved tokenizer's
+    ``apply_chat_template(conversation)`` text, transformers reads the head at the last
+    non-pad token; alignkit reads it at the last token of the same rendering. To make those the
+    same number (docs/templates.md):
+
+    - the pad token (config and tokenizer) is one that cannot end a conversation
+      (:func:`reward_pad_token`; a new one grows the embeddings by a row);
+    - ``reward_scale`` is folded into the head's weights (and bias);
+    - the mean training reward ``reward_mean`` (already centred by the training loss) is stored
+      as ``alignkit_reward_mean`` after scaling, for information; where the head has a bias it is
+      also subtracted from the bias (``alignkit_reward_mean_folded``), which centres exactly;
+    - a tokenizer without a chat template gets the plain layout's template
+      (``alignkit.models.factory.CHAT_TEMPLATE``), which renders what alignkit trained on;
+    - an older alignkit's ``reward_offset``/``reward_scale`` keys (read-time calibration that
+      other tools ignore) are removed.
+
+    The model is changed in place (scaled head, maybe a new embedding row); the tokenizer is
+    copied. Returns the scaled mean training reward (nan when unknown).
+    """
+    from alignkit.models.factory import CHAT_TEMPLATE
+    from alignkit.models.loading import save_model
+
+    tokenizer = copy.deepcopy(tokenizer)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+    pad, added = reward_pad_token(tokenizer)
+    if added:
+        tokenizer.add_special_tokens({"pad_token": pad})
+    else:
+        tokenizer.pad_token = pad
+    if tokenizer.pad_token_id >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(tokenizer.pad_token_id + 1)
+    mean = float("nan") if reward_mean is None else float(reward_mean) * reward_scale
+    folded = False
+    with torch.no_grad():
+        for linear in _head_linears(model):
+            linear.weight.mul_(reward_scale)
+            if linear.bias is not None:
+                linear.bias.mul_(reward_scale)
+                if mean == mean:  # not nan
+                    linear.bias.sub_(mean)
+                    folded = True
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    for legacy in ("reward_offset", "reward_scale"):
+        if hasattr(config, legacy):
+            delattr(config, legacy)
+    config.pad_token_id = tokenizer.pad_token_id
+    info = {"alignkit_reward_mean": None if mean != mean else mean, "alignkit_reward_mean_folded": folded}
+    save_model(model, tokenizer, out_dir, extra_config={**info, **(extra_config or {})})
+    return mean
