@@ -94,7 +94,7 @@ LEAF_CHECKS: dict[str, Check] = {
     "seed": SEED, "eval_every": OPTIONAL, "save_every": OPTIONAL, "keep_checkpoints": COUNT,
     "log_every": COUNT, "threads": OPTIONAL,
     # reward models
-    "reward_scale": above(0),
+    "reward_scale": above(0), "center_rewards_coefficient": at_least(0),
     # DPO / KTO
     "beta": above(0), "label_smoothing": between(0, 0.5), "simpo_gamma": at_least(0), "sft_weight": at_least(0),
     "desirable_weight": at_least(0), "undesirable_weight": at_least(0),

@@ -72,7 +72,7 @@ def test_parquet_keeps_nested_message_lists(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), path)
     train, evals, report = load_dataset_records(path, shuffle=False, eval_size=1)
     assert report.format == "sft" and (len(train), len(evals)) == (4, 1)
-    assert train[1] == SFTExample([{"role": "user", "content": "hi 1"}], "hello 1", f"{path}[1]")
+    assert train[1] == SFTExample([{"role": "user", "content": "hi 1"}], "hello 1", f"{path}[1]", messages=rows[1]["messages"])
     assert evals[0].source == f"{path}[4]"
 
 

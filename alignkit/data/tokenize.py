@@ -461,7 +461,9 @@ def _rated(ex: RatedExample, enc: _Encoder, limits: _Limits, report) -> dict:
 def _text(ex: TextExample, enc: _Encoder, limits: _Limits, report) -> dict:
     """An SFT item with every token a target (language modelling): [BOS where the tokenizer adds
     one] text EOS; a text over ``max_length`` keeps its beginning (and loses EOS), counted."""
-    ids = enc.tokenizer(ex.text, add_special_tokens=False)["input_ids"] + [enc.eos]
+    # A document ends with the tokenizer's EOS (pretraining text), not a chat template's end of turn.
+    eos = enc.tokenizer.eos_token_id
+    ids = enc.tokenizer(ex.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
     if enc.bos is not None and ids[:1] != [enc.bos]:
         ids = [enc.bos] + ids
     cut = limits.max_length is not None and len(ids) > limits.max_length
