@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alignkit.cli import main
-from alignkit.config import build_config
+from alignkit.config import ModelConfig, build_config
 from alignkit.train.rm import RMConfig, run_rm
 from alignkit.train.sft import SFTConfig, run_sft
 
@@ -90,6 +90,30 @@ def test_eval_rm_and_centring(trained_rm, tmp_path):
     assert "accuracy_by_margin" in metrics
     # centred: the mean reward over chosen and rejected is near 0 relative to its spread
     assert abs(metrics["reward_mean"]) < 0.5 * metrics["reward_std"] + 0.05
+
+
+def test_eval_rm_scores_are_the_same_under_every_batching(trained_rm, tiny_tokenizer, capsys):
+    """eval-rm reads pairs prefix-shared by default (each prompt once): the same rewards, pair by
+    pair and in the file's order, as one padded forward per sequence."""
+    from alignkit.data import load_dataset_records, tokenize_records
+    from alignkit.models.heads import ScalarHead
+    from alignkit.models.loading import load_reward_model
+    from alignkit.train.rm import score_pairs, scoring_batching
+
+    out, data, _ = trained_rm
+    head = ScalarHead(load_reward_model(ModelConfig(path=str(out)))).eval()
+    records, _, _ = load_dataset_records(data, shuffle=False, limit=20)
+    items, _ = tokenize_records(records, tiny_tokenizer, max_length=64)
+    assert scoring_batching(head.model) == "prefix_shared"
+    alone = [score_pairs(head, [it], tiny_tokenizer.pad_token_id, batching="padded") for it in items]
+    ref_c, ref_r = torch.cat([c for c, _ in alone]), torch.cat([r for _, r in alone])
+    assert not torch.equal(ref_c, ref_c.sort().values)  # the file order is not the length order
+    for batching in ("padded", "padding_free", "prefix_shared"):
+        c, r = score_pairs(head, items, tiny_tokenizer.pad_token_id, batch_size=6, batching=batching)
+        torch.testing.assert_close(c, ref_c, atol=1e-5, rtol=0)
+        torch.testing.assert_close(r, ref_r, atol=1e-5, rtol=0)
+    assert main(["eval-rm", f"model.path={out}", f"data.path={data}", "data.limit=20"]) == 0
+    assert "batching prefix_shared" in capsys.readouterr().out
 
 
 def test_saved_rm_reloads_with_plain_transformers(trained_rm, tiny_tokenizer):

@@ -25,6 +25,8 @@ class EvalRMConfig:
     """Seed of the shuffle that made the train/eval split (must match the one `alignkit rm` used)."""
     batch_size: int = 16
     """Pairs scored per forward pass."""
+    batching: str = "auto"
+    """How pairs go through the model: prefix_shared (one row prompt ‖ chosen ‖ rejected per pair, the prompt computed once), padded, padding_free; auto = prefix_shared where the model is served exactly (docs/batching.md), else padded. Every batching gives the same scores."""
     output: str = ""
     """Write the metrics as JSON here (empty = print only)."""
 
@@ -49,7 +51,7 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.models.heads import ScalarHead, check_reward_convention
     from alignkit.models.loading import load_reward_model, load_tokenizer
     from alignkit.train.common import eval_source
-    from alignkit.train.rm import pairwise_metrics, score_pairs
+    from alignkit.train.rm import pairwise_metrics, score_pairs, scoring_batching
 
     tokenizer = load_tokenizer(cfg.model)
     head = ScalarHead(load_reward_model(cfg.model))
@@ -71,7 +73,9 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
         raise ValueError("eval-rm: split_eval=true but data.eval_fraction/eval_size leave no held-out pairs")
     items, _ = tokenize_records(records, tokenizer, max_length=d.max_length, max_prompt_length=d.max_prompt_length, report=report)
     print(report.summary())
-    chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size)
+    batching = scoring_batching(head.model, cfg.batching)
+    print(f"[alignkit] eval-rm: {len(items)} pairs, batching {batching}")
+    chosen, rejected = score_pairs(head, items, tokenizer.pad_token_id, cfg.batch_size, batching)
     # Bucket names: the numeric margin, with the label(s) that map to it (0 is also "no margin").
     names: dict[float, list[str]] = {}
     for k, v in {**DEFAULT_MARGIN_LABELS, **(d.margin_labels or {})}.items():

@@ -35,6 +35,7 @@ from alignkit.losses import pairwise_rm_loss, regression_rm_loss
 from alignkit.models.heads import ScalarHead, sequence_rewards
 from alignkit.models.identity import reward_model_marker
 from alignkit.models.loading import load_scalar_head_model, load_tokenizer, save_model
+from alignkit.models.masks import batching_refusal
 from alignkit.train.common import (
     PAIR_COLLATES, check_batching, prepare_data, resolve_pair_batching, seed_everything,
 )
@@ -127,19 +128,37 @@ def regression_batch_loss(seen: RewardMean | None = None):
 # ---- evaluation -------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw rewards of the chosen and rejected responses of pair items: two ``(N,)`` tensors."""
+def scoring_batching(model, batching: str = "auto") -> str:
+    """The pair batching for scoring (no gradient) with ``model``: ``auto`` is prefix_shared
+    (each prompt computed once, one row per pair) where the model's family and attention
+    implementation are served exactly (:func:`~alignkit.models.masks.batching_refusal`), else
+    padded; an explicit name is checked and refused if it cannot be exact."""
+    if batching == "auto":
+        return "prefix_shared" if batching_refusal("prefix_shared", model) is None else "padded"
+    resolve_pair_batching(batching, False)  # rejects unknown names
+    check_batching(batching, model)
+    return batching
 
+
+@torch.no_grad()
+def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16,
+                batching: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw rewards of the chosen and rejected responses of pair items: two ``(N,)`` tensors, in
+    the order of ``items``.
+
+    Pairs are scored in order of length (less padding per batch) through ``batching`` (see
+    :data:`~alignkit.train.common.PAIR_COLLATES`; the caller checks it with
+    :func:`scoring_batching`), each reward read at its sequence's last token only."""
     device = next(head.parameters()).device
-    chosen, rejected = [], []
+    collate = PAIR_COLLATES[batching]
+    order = sorted(range(len(items)), key=lambda i: items[i]["length"])
+    chosen, rejected = torch.empty(len(items)), torch.empty(len(items))
     for i in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(items[i : i + batch_size], pad_id).items() if torch.is_tensor(v)}
-        r = sequence_rewards(head, batch)
-        b = r.shape[0] // 2
-        chosen.append(r[:b].float().cpu())
-        rejected.append(r[b:].float().cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+        idx = order[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate([items[j] for j in idx], pad_id).items() if torch.is_tensor(v)}
+        r = sequence_rewards(head, batch, ends=batch.get("last_index")).float().cpu()  # (2b,) chosen then rejected
+        chosen[idx], rejected[idx] = r[: len(idx)], r[len(idx) :]
+    return chosen, rejected
 
 
 @torch.no_grad()
@@ -175,12 +194,12 @@ def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margins: list
     }
 
 
-def _evaluator(objective: str, items: list[dict], pad_id: int):
+def _evaluator(objective: str, items: list[dict], pad_id: int, batching: str = "padded"):
     if not items:
         return None
     if objective == "pairwise":
         def evaluate(head):
-            c, r = score_pairs(head, items, pad_id)
+            c, r = score_pairs(head, items, pad_id, batching=batching)
             m = pairwise_metrics(c, r, [it["margin"] for it in items])
             return {"accuracy": m["accuracy"], "margin_mean": m["margin_mean"]}
     else:
@@ -214,7 +233,7 @@ def run_rm(cfg: RMConfig):
         task = Task(
             items=data.train, collate=lambda b: batching(b, pad),
             loss=pairwise_batch_loss(cfg.use_margin, cfg.center_rewards_coefficient, seen),
-            units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad),
+            units=lambda b: float(b["weight"].sum()), evaluate=_evaluator("pairwise", data.eval, pad, cfg.batching_name()),
             groups=[it.get("group", -1) for it in data.train] if cfg.data.group_rankings else None, name="rm",
         )
     else:
