@@ -144,6 +144,10 @@ class RunConfig:
     """Checkpoints to keep on disk (older ones are deleted)."""
     resume: bool = False
     """Continue from the newest checkpoint in `output_dir` (model, optimizer, scheduler, RNG, data position)."""
+    resume_changed: bool = False
+    """Allow `resume` to continue a checkpoint written with other settings (data, model, optimiser, seed, method); the differences are logged."""
+    overwrite: bool = False
+    """Replace the finished model (or an unfinished run's checkpoints) already in `output_dir`; otherwise such a folder is refused."""
     log_every: int = 1
     """Write metrics every N optimizer steps."""
     report_to: str = "jsonl,tensorboard"
