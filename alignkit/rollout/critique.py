@@ -49,7 +49,7 @@ class CritiqueReward(RewardSource):
             the cost).
         max_new_tokens: longest critique; one that reaches it is cut there and the verdict read.
         temperature: 0 = greedy critiques (deterministic); > 0 samples them with ``seed``.
-        template: the :class:`~alignkit.train.critic.CritiqueTemplate`; default: the one saved
+        template: the :class:`~alignkit.data.critique_template.CritiqueTemplate`; default: the one saved
             with the critic.
     """
 
@@ -59,7 +59,7 @@ class CritiqueReward(RewardSource):
                  batch_size: int = 32, max_prompt_length: int = 384, template=None, seed: int = 0,
                  device: str | torch.device = "cpu", name: str = "critique"):
         from alignkit.rollout.generate import HFGenerator, SamplingConfig
-        from alignkit.train.critic import CritiqueTemplate
+        from alignkit.data.critique_template import CritiqueTemplate
 
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
