@@ -122,6 +122,5 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
             writer = MetricsWriter(writer_run, acc)
             writer.write(row, r + 1)
             writer.close()
-    if acc.is_main_process:
-        save_model(policy, tokenizer, cfg.run.output_dir)
+    trainer.save_final(lambda out: save_model(policy, tokenizer, out), cfg.run.output_dir)
     return OnlineResult(output_dir=Path(cfg.run.output_dir), history=history)
