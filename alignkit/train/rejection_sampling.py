@@ -22,12 +22,12 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data import IGNORE_INDEX
-from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
+from alignkit.models.loading import load_causal_lm, save_model
 from alignkit.rollout.generate import Generations, HFGenerator, SamplingConfig
 from alignkit.rollout.rewards import RewardSource
-from alignkit.train.common import choose_logps_path, seed_everything
+from alignkit.train.common import choose_logps_path
 from alignkit.train.loop import Trainer
-from alignkit.train.online import OnlineResult, RewardConfig, build_reward, load_prompts, score_responses
+from alignkit.train.online import OnlineResult, RewardConfig, online_inputs, score_responses
 from alignkit.train.progress import MetricsWriter
 from alignkit.train.sft import build_sft_task
 
@@ -80,11 +80,7 @@ def sft_items_from(gens: Generations, rows: list[int]) -> list[dict]:
 
 def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: RewardSource | None = None) -> OnlineResult:
     """Rejection-sampling fine-tuning of ``cfg.model.path``; saves the policy to ``cfg.run.output_dir``."""
-    cfg.validate()
-    seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
-    reward = build_reward(cfg.reward, reward)
+    tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)  # the fine-tuning steps' log-probs
     n = cfg.num_samples
