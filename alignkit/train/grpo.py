@@ -32,7 +32,7 @@ from alignkit.losses import kl_penalty_loss, ppo_policy_loss
 from alignkit.models.loading import Reference, load_causal_lm, save_model
 from alignkit.ops import entropy_from_logits, kl_estimate, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
-from alignkit.rollout.generate import HFGenerator, SamplingConfig
+from alignkit.rollout.generate import SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardSource
 from alignkit.train.online import (
     KL_CONTROLLERS, LOSS_REDUCTIONS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs,
@@ -133,7 +133,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg)
     if reference is not None:
         reference.to(loop.device)
-    generator = HFGenerator(loop.unwrapped(), tokenizer, cfg.sampling, cfg.data.max_prompt_length)
+    generator = make_generator(loop.unwrapped(), tokenizer, cfg.sampling, cfg.data.max_prompt_length)
     kl_ctl = KL_CONTROLLERS[cfg.kl.kl_control](cfg.kl)
     in_reward = cfg.kl.kl_penalty == "reward"
     G, temperature, fwd_bs = cfg.rollout.samples_per_prompt, cfg.sampling.temperature, cfg.optim.batch_size

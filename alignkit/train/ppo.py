@@ -38,7 +38,7 @@ from alignkit.models.heads import ScalarHead
 from alignkit.models.loading import Reference, load_causal_lm, load_scalar_head_model, save_model
 from alignkit.ops import entropy_from_logits, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
-from alignkit.rollout.generate import HFGenerator, SamplingConfig
+from alignkit.rollout.generate import SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardModel, RewardSource
 from alignkit.train.online import (
     KL_CONTROLLERS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs, policy_forward,
@@ -227,7 +227,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     model = ActorCritic(policy, VALUE_MODELS[cfg.value_model](cfg, policy), shared=cfg.value_model == "shared")
     loop = OnlineLoop(model, cfg.optim, cfg.run, cfg.rollout, len(prompts), "ppo", config=cfg)
     reference.to(loop.device)
-    generator = HFGenerator(loop.unwrapped().policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
+    generator = make_generator(loop.unwrapped().policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
     kl_ctl = KL_CONTROLLERS[cfg.kl.kl_control](cfg.kl)
     in_reward = cfg.kl.kl_penalty == "reward"
     extra = None

@@ -23,7 +23,7 @@ import torch
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data import IGNORE_INDEX
 from alignkit.models.loading import load_causal_lm, save_model
-from alignkit.rollout.generate import Generations, HFGenerator, SamplingConfig
+from alignkit.rollout.generate import Generations, SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardSource
 from alignkit.train.common import choose_logps_path
 from alignkit.train.loop import Trainer
@@ -92,7 +92,7 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
         count = cfg.prompts_per_round or len(prompts)
         idx = torch.randperm(len(prompts), generator=g)[:count].tolist()
         round_prompts = [prompts[i] for i in idx]
-        generator = HFGenerator(policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
+        generator = make_generator(policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
         gens = generator.generate(round_prompts, n=n, seed=cfg.run.seed * 1_000_003 + r)
         # 2. score and keep the best of each group
         finished = torch.tensor(gens.finished, dtype=torch.bool)
