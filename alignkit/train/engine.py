@@ -30,7 +30,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -357,7 +359,9 @@ class Engine:
                 print(f"[alignkit] {self.name} {where}: non-finite {what} (loss sum {stats.loss_sum:g}, gradient norm "
                       f"{stats.grad_norm}); update skipped ({self._nonfinite_streak} in a row, "
                       f"{self.skipped_nonfinite} in all)")
-        self.scheduler.step()
+        with warnings.catch_warnings():  # torch warns when the first optimizer step was the skipped one
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self._nonfinite_streak >= self.run.max_nonfinite_steps:
             raise NonFiniteError(
