@@ -188,3 +188,26 @@ def test_gradient_checkpointing_is_applied_to_the_ppo_policy_and_critic(tiny_dir
     finally:
         ppo.OnlineLoop = real_loop
     assert max(float((plain[k] - recomputed[k]).abs().max()) for k in plain) < 1e-6
+
+
+def test_online_runs_evaluate_on_held_out_prompts(tiny_dir, tmp_path):
+    """With data.eval_path, GRPO scores one response per held-out prompt every run.eval_every
+    rollouts and after the last, through the engine's evaluation."""
+    from alignkit.config import DataConfig
+    from alignkit.rollout.generate import SamplingConfig
+    from alignkit.rollout.rewards import FunctionReward
+    from alignkit.train.grpo import GRPOConfig, run_grpo
+    from alignkit.train.online import RewardConfig, RolloutConfig
+    from tests.conftest import write_jsonl
+
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": f"Question {i}?"} for i in range(3)])
+    cfg = GRPOConfig(model=ModelConfig(path=str(tiny_dir)), data=DataConfig(eval_path=str(held_out)),
+                     optim=OptimConfig(lr=1e-3, batch_size=8, schedule="constant", warmup_ratio=0.0),
+                     run=RunConfig(output_dir=str(tmp_path / "out"), progress=False, report_to="jsonl", eval_every=2),
+                     sampling=SamplingConfig(max_new_tokens=6), reward=RewardConfig(unfinished_penalty=0.0),
+                     rollout=RolloutConfig(prompts_per_rollout=2, samples_per_prompt=4, num_rollouts=3, ppo_epochs=1))
+    res = run_grpo(cfg, [[{"role": "user", "content": f"Item {i}?"}] for i in range(4)],
+                   FunctionReward(lambda p, r: float(len(r))))
+    assert ["eval/reward" in r for r in res.history] == [False, True, True]
+    assert {"eval/score", "eval/response_length", "eval/unfinished"} <= set(res.history[-1])
+    assert (tmp_path / "out" / "metrics.jsonl").read_text().count("eval/reward") == 2

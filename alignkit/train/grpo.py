@@ -38,6 +38,7 @@ from alignkit.train.online import (
     KL_CONTROLLERS, LOSS_REDUCTIONS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs,
     policy_forward, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.online.evaluate import held_out_reward
 
 
 @dataclass
@@ -130,7 +131,8 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg)
+    loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg,
+                      evaluate=held_out_reward(cfg, tokenizer, reward))
     if reference is not None:
         reference.to(loop.device)
     generator = make_generator(loop.unwrapped(), tokenizer, cfg.sampling, cfg.data.max_prompt_length)
