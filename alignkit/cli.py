@@ -87,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignkit {command}: {e}", file=sys.stderr)
         return 2
     from alignkit.models.loading import ModelLoadError
+    from alignkit.numerics import NonFiniteError
+    from alignkit.train.outputs import OutputError
 
     try:
         run(cfg)
-    except (ValueError, FileNotFoundError, ModelLoadError) as e:
-        # Bad input (data, config, paths) gets its message, not a traceback; bugs still raise.
+    except (ValueError, FileNotFoundError, ModelLoadError, NonFiniteError, OutputError) as e:
+        # Bad input (data, config, paths) and diverged runs get their message, not a traceback; bugs still raise.
         print(f"alignkit {command}: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -155,13 +155,22 @@ class RunConfig:
     mixed_precision: str = "auto"
     """'auto' (bf16 on a CUDA GPU with bf16, or on a CPU with native bf16 instructions for hidden size ≥ 256; else fp32), 'no', 'bf16' or 'fp16'."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (slower)."""
+    """Recompute activations in the backward pass to save memory (slower); applies to every model trained (a PPO critic too)."""
+    max_nonfinite_steps: int = 3
+    """Optimizer steps in a row with a non-finite loss or gradient norm (each skipped, counted as skipped_nonfinite) that stop the run with an error."""
     progress: bool = True
     """Show a progress bar with loss, tokens/s and ETA."""
     padding_free: bool = False
     """Pack several examples per row with block-diagonal attention instead of padding (SFT, RM)."""
     logps_path: str = "auto"
     """Log-probs of sft, dpo, kto, critic, rs: 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
+
+
+# run.max_nonfinite_steps is range-checked (≥ 1) like every number; the entry is made here until the
+# check table (alignkit/config_checks.py, LEAF_CHECKS) lists it beside the other run fields.
+from alignkit.config_checks import COUNT as _COUNT, LEAF_CHECKS as _LEAF_CHECKS  # noqa: E402
+
+_LEAF_CHECKS.setdefault("max_nonfinite_steps", _COUNT)
 
 
 # --------------------------------------------------------------------------------------------

@@ -183,10 +183,10 @@ def sft(ctx: Context) -> None:
 
 def _sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_tokens: int, temperature: float = 1.0):
     from alignkit.models.loading import load_causal_lm
-    from alignkit.rollout.generate import HFGenerator, SamplingConfig
+    from alignkit.rollout.generate import SamplingConfig, make_generator
 
     model = load_causal_lm(ModelConfig(path=str(model_dir)), trainable=False)
-    gen = HFGenerator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
+    gen = make_generator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
     return model, gen.generate([_messages(p.text) for p in prompts], n=n, seed=seed)
 
 

@@ -289,13 +289,13 @@ def _best_of_n_critic(ctx, reward) -> None:
     from alignkit.config import ModelConfig
     from alignkit.eval.metrics import best_of_n_kl
     from alignkit.models.loading import load_causal_lm
-    from alignkit.rollout.generate import HFGenerator, SamplingConfig
+    from alignkit.rollout.generate import SamplingConfig, make_generator
 
     s = ctx.scale
     prompts = ctx.world.prompts(split="heldout")
     n, draws = s.best_of_n, s.eval_samples
     policy = load_causal_lm(ModelConfig(path=str(ctx.sft_dir)), trainable=False)
-    gen = HFGenerator(policy, ctx.tokenizer, SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=1.0))
+    gen = make_generator(policy, ctx.tokenizer, SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=1.0))
     msgs = [[{"role": "user", "content": p.text}] for p in prompts]
     # The best_of_n stage's samples (same call, same seed): draws × N per prompt, consecutive.
     # Only the first CRITIC_DRAWS blocks of N are critiqued, to bound the cost of generation.

@@ -135,7 +135,7 @@ def test_mixed_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
 
     from accelerate.state import AcceleratorState
 
-    from alignkit.train import loop
+    from alignkit.train import engine as loop  # the precision choice is the engine's
 
     monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # as in a fresh process
 

@@ -125,22 +125,60 @@ def test_recomputed_logits_line_up_with_generation(tiny_dir, tiny_tokenizer):
     assert (logps[~m] == 0).all() and (logps[m] < 0).all()
 
 
-def test_sampling_passes_top_k_zero_not_none(tiny_dir, tiny_tokenizer, monkeypatch):
-    """transformers replaces top_k=None by 50, which would truncate the sampling distribution."""
+def test_sampling_with_top_k_zero_is_not_truncated(tiny_dir, tiny_tokenizer):
+    """top_k=0 samples the whole distribution (transformers fills top_k=None with 50, which
+    would truncate it): with nearly uniform (distinct) logits over the 320-token vocabulary, far
+    more than 50 distinct tokens come out."""
     from alignkit.config import ModelConfig
     from alignkit.models.loading import load_causal_lm
 
     model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
-    seen = {}
-    real = model.generate
+    model.lm_head.register_forward_hook(lambda module, inputs, out: torch.arange(out.shape[-1]).expand_as(out) * 1e-4)
+    gens = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=4, top_k=0)).generate(
+        [[{"role": "user", "content": "Hi"}]], n=64, seed=0)
+    assert len({t for r in gens.response_ids for t in r}) > 100
 
-    def spy(**kwargs):
-        seen.update(kwargs)
-        return real(**kwargs)
 
-    monkeypatch.setattr(model, "generate", spy)
-    HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=2)).generate([[{"role": "user", "content": "Hi"}]])
-    assert seen["top_k"] == 0 and seen["do_sample"] is True
+def test_generation_is_seeded_locally_and_leaves_the_global_rng_alone(tiny_dir, tiny_tokenizer):
+    """The same seed gives the same samples, another seed other samples, and torch's global random
+    stream is neither reseeded nor read (it used to be reseeded by every seeded call)."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.rollout.generate import make_generator
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    gen = make_generator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=12, generation_batch_size=4))
+    prompts = [[{"role": "user", "content": f"Item {i}?"}] for i in range(6)]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b, c = (gen.generate(prompts, n=2, seed=s).response_ids for s in (7, 7, 8))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b and a != c
+    with pytest.raises(ValueError, match="sampling.backend must be one of hf"):
+        make_generator(model, tiny_tokenizer, SamplingConfig(backend="vllm2"))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_sampling_refuses_non_finite_logits_naming_the_weights(tiny_dir, tiny_tokenizer, temperature):
+    """A diverged policy (NaN weights) stops sampling with a NonFiniteError that names the
+    non-finite weights, never a traceback from transformers' sampler; finite weights whose
+    forward overflows get the other cause."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.numerics import NonFiniteError
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir))).train()
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=4, temperature=temperature))
+    prompt = [[{"role": "user", "content": "Hi"}]]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"logits are NaN or inf .* weights are not finite \(model.layers.0.mlp.down_proj"):
+        gen.generate(prompt, seed=0)
+    assert model.training  # the mode is restored
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    model.lm_head.register_forward_hook(lambda module, inputs, out: out * float("inf"))
+    with pytest.raises(NonFiniteError, match="weights are finite, so the forward pass overflowed"):
+        HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=4, temperature=temperature)).generate(prompt)
 
 
 def test_unfinished_penalty_whitening_and_clipping():

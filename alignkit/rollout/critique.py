@@ -58,7 +58,7 @@ class CritiqueReward(RewardSource):
                  average_orders: bool = False, max_new_tokens: int = 96, temperature: float = 0.0,
                  batch_size: int = 32, max_prompt_length: int = 384, template=None, seed: int = 0,
                  device: str | torch.device = "cpu", name: str = "critique"):
-        from alignkit.rollout.generate import HFGenerator, SamplingConfig
+        from alignkit.rollout.generate import SamplingConfig, make_generator
         from alignkit.data.critique_template import CritiqueTemplate
 
         if mode not in MODES:
@@ -79,7 +79,7 @@ class CritiqueReward(RewardSource):
         self.template = template or CritiqueTemplate()
         self.mode, self.references, self.average_orders = mode, references, average_orders
         self.batch_size, self.seed, self.name = batch_size, seed, name
-        self.generator = HFGenerator(model, tokenizer, SamplingConfig(
+        self.generator = make_generator(model, tokenizer, SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, generation_batch_size=max(batch_size, 1)),
             max_prompt_length=max_prompt_length)
         self.max_prompt_length = max_prompt_length
@@ -156,9 +156,7 @@ class CritiqueReward(RewardSource):
         if not critic_prompts:
             return [], torch.zeros(0, len(options))
         prompt_ids = [ids[-self.max_prompt_length:] for ids in encode_prompts(self.tokenizer, critic_prompts)]
-        # Greedy critiques need no seed; a seed would also reseed torch's global RNG (HFGenerator).
-        seed = self.seed if self.generator.sampling.temperature > 0 else None
-        gens = self.generator.generate_ids(prompt_ids, n=1, seed=seed)
+        gens = self.generator.generate_ids(prompt_ids, n=1, seed=self.seed)  # greedy critiques draw nothing
         critiques = [self.template.critique_of(t) for t in gens.texts]
         sep = self._separator(critic_prompts[0])
         contexts, tails = [], []

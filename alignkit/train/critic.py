@@ -288,11 +288,15 @@ def run_critic(cfg: CriticConfig):
         task = build_critic_task(train, evals, tokenizer.pad_token_id, cfg.verdict_weight)
     trainer = Trainer(model, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
+    critic = trainer.unwrapped()
+
+    def write(out):
+        save_model(critic, tokenizer, out)
+        template.save(out)
+
+    trainer.save_final(write)
     if not trainer.acc.is_main_process:
         return result
-    critic = trainer.unwrapped()
-    save_model(critic, tokenizer, cfg.run.output_dir)
-    template.save(cfg.run.output_dir)
     if cfg.eval_verdicts and eval_records:
         reward = CritiqueReward(critic, tokenizer, template=template, max_new_tokens=cfg.max_new_tokens,
                                 max_prompt_length=cfg.data.max_prompt_length)

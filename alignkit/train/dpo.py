@@ -324,8 +324,8 @@ def run_dpo(cfg: DPOConfig):
         reference.to(accelerator.device)
     trainer = Trainer(policy, task, cfg.optim, cfg.run, accelerator=accelerator, config=cfg)
     result = trainer.fit()
+    trainer.save_final(lambda out: save_model(trainer.unwrapped(), tokenizer, out))
     if trainer.acc.is_main_process:
-        save_model(trainer.unwrapped(), tokenizer, cfg.run.output_dir)
         if result.final_eval:
             ev = result.final_eval
             print(f"[alignkit] {task.name}: held-out reward accuracy {ev['accuracy']:.3f}, margin {ev['margin']:.4f}")

@@ -29,16 +29,16 @@ from alignkit.advantages import grpo_advantages, rloo_advantages
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss
-from alignkit.models.loading import Reference, load_causal_lm, load_tokenizer, save_model
+from alignkit.models.loading import Reference, load_causal_lm, save_model
 from alignkit.ops import entropy_from_logits, kl_estimate, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
-from alignkit.rollout.generate import HFGenerator, SamplingConfig
+from alignkit.rollout.generate import SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardSource
-from alignkit.train.common import seed_everything
 from alignkit.train.online import (
-    KL_CONTROLLERS, LOSS_REDUCTIONS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, build_reward,
-    disable_dropout, load_prompts, policy_forward, rollout_logps, score_responses, sequence_kl, validate_online,
+    KL_CONTROLLERS, LOSS_REDUCTIONS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs,
+    policy_forward, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.online.evaluate import held_out_reward
 
 
 @dataclass
@@ -126,19 +126,16 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     ``prompts`` and ``reward`` may be passed in Python; otherwise they come from ``cfg.data.path``
     and ``cfg.reward``.
     """
-    cfg.validate()
-    seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
-    reward = build_reward(cfg.reward, reward)
-    policy = disable_dropout(load_causal_lm(cfg.model))
+    tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
+    policy = load_causal_lm(cfg.model)
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg)
+    loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg,
+                      evaluate=held_out_reward(cfg, tokenizer, reward))
     if reference is not None:
         reference.to(loop.device)
-    generator = HFGenerator(loop.unwrapped(), tokenizer, cfg.sampling, cfg.data.max_prompt_length)
+    generator = make_generator(loop.unwrapped(), tokenizer, cfg.sampling, cfg.data.max_prompt_length)
     kl_ctl = KL_CONTROLLERS[cfg.kl.kl_control](cfg.kl)
     in_reward = cfg.kl.kl_penalty == "reward"
     G, temperature, fwd_bs = cfg.rollout.samples_per_prompt, cfg.sampling.temperature, cfg.optim.batch_size
@@ -183,8 +180,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
         loop.maybe_save(k)
 
     wall = loop.close()
-    if loop.acc.is_main_process:
-        save_model(loop.unwrapped(), tokenizer, cfg.run.output_dir)
+    loop.save_final(lambda out: save_model(loop.unwrapped(), tokenizer, out))
     return OnlineResult(output_dir=Path(cfg.run.output_dir), history=loop.history, wall_s=wall)
 
 

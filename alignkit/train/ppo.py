@@ -35,16 +35,16 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss, ppo_value_loss
 from alignkit.models.heads import ScalarHead
-from alignkit.models.loading import Reference, load_causal_lm, load_scalar_head_model, load_tokenizer, save_model
+from alignkit.models.loading import Reference, load_causal_lm, load_scalar_head_model, save_model
 from alignkit.ops import entropy_from_logits, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
-from alignkit.rollout.generate import HFGenerator, SamplingConfig
+from alignkit.rollout.generate import SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardModel, RewardSource
-from alignkit.train.common import seed_everything
 from alignkit.train.online import (
-    KL_CONTROLLERS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, build_reward, disable_dropout,
-    load_prompts, policy_forward, response_slice, rollout_logps, score_responses, sequence_kl, validate_online,
+    KL_CONTROLLERS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs, policy_forward,
+    response_slice, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.online.evaluate import held_out_reward
 
 
 @dataclass
@@ -215,23 +215,21 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     passed in Python; otherwise they come from ``cfg.data.path``, ``cfg.reward``, ``cfg.cost_model``
     and ``cfg.ptx_path``.
     """
-    cfg.validate()
-    seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
-    reward = build_reward(cfg.reward, reward)
+    tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     if cost is None and cfg.cost_model:
-        cost = RewardModel(cfg.cost_model, name="cost")
+        cost = RewardModel(cfg.cost_model, name="cost", max_length=cfg.data.max_length,
+                           max_prompt_length=cfg.data.max_prompt_length)
     lagrange = None
     if cost is not None:
         lagrange = LagrangeMultiplier(cfg.cost_threshold, cfg.lagrange_init, cfg.lagrange_lr, cfg.lagrange_max or None)
 
     policy = load_causal_lm(cfg.model)
     reference = Reference(policy)  # frozen copy, or the LoRA policy with its adapter disabled
-    model = disable_dropout(ActorCritic(policy, VALUE_MODELS[cfg.value_model](cfg, policy), shared=cfg.value_model == "shared"))
-    loop = OnlineLoop(model, cfg.optim, cfg.run, cfg.rollout, len(prompts), "ppo", config=cfg)
+    model = ActorCritic(policy, VALUE_MODELS[cfg.value_model](cfg, policy), shared=cfg.value_model == "shared")
+    loop = OnlineLoop(model, cfg.optim, cfg.run, cfg.rollout, len(prompts), "ppo", config=cfg,
+                      evaluate=held_out_reward(cfg, tokenizer, reward, policy_of=lambda m: m.policy))
     reference.to(loop.device)
-    generator = HFGenerator(loop.unwrapped().policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
+    generator = make_generator(loop.unwrapped().policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
     kl_ctl = KL_CONTROLLERS[cfg.kl.kl_control](cfg.kl)
     in_reward = cfg.kl.kl_penalty == "reward"
     extra = None
@@ -287,6 +285,5 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
         loop.maybe_save(k)
 
     wall = loop.close()
-    if loop.acc.is_main_process:
-        save_model(loop.unwrapped().policy, tokenizer, cfg.run.output_dir)
+    loop.save_final(lambda out: save_model(loop.unwrapped().policy, tokenizer, out))
     return OnlineResult(output_dir=Path(cfg.run.output_dir), history=loop.history, wall_s=wall)

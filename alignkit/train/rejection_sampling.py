@@ -22,12 +22,12 @@ import torch
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data import IGNORE_INDEX
-from alignkit.models.loading import load_causal_lm, load_tokenizer, save_model
-from alignkit.rollout.generate import Generations, HFGenerator, SamplingConfig
+from alignkit.models.loading import load_causal_lm, save_model
+from alignkit.rollout.generate import Generations, SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardSource
-from alignkit.train.common import choose_logps_path, seed_everything
+from alignkit.train.common import choose_logps_path
 from alignkit.train.loop import Trainer
-from alignkit.train.online import OnlineResult, RewardConfig, build_reward, load_prompts, score_responses
+from alignkit.train.online import OnlineResult, RewardConfig, online_inputs, score_responses
 from alignkit.train.progress import MetricsWriter
 from alignkit.train.sft import build_sft_task
 
@@ -80,11 +80,7 @@ def sft_items_from(gens: Generations, rows: list[int]) -> list[dict]:
 
 def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: RewardSource | None = None) -> OnlineResult:
     """Rejection-sampling fine-tuning of ``cfg.model.path``; saves the policy to ``cfg.run.output_dir``."""
-    cfg.validate()
-    seed_everything(cfg.run.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    prompts = prompts if prompts is not None else load_prompts(cfg.data, cfg.run.seed, tokenizer)
-    reward = build_reward(cfg.reward, reward)
+    tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)  # the fine-tuning steps' log-probs
     n = cfg.num_samples
@@ -96,7 +92,7 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
         count = cfg.prompts_per_round or len(prompts)
         idx = torch.randperm(len(prompts), generator=g)[:count].tolist()
         round_prompts = [prompts[i] for i in idx]
-        generator = HFGenerator(policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
+        generator = make_generator(policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
         gens = generator.generate(round_prompts, n=n, seed=cfg.run.seed * 1_000_003 + r)
         # 2. score and keep the best of each group
         finished = torch.tensor(gens.finished, dtype=torch.bool)
@@ -122,6 +118,5 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
             writer = MetricsWriter(writer_run, acc)
             writer.write(row, r + 1)
             writer.close()
-    if acc.is_main_process:
-        save_model(policy, tokenizer, cfg.run.output_dir)
+    trainer.save_final(lambda out: save_model(policy, tokenizer, out), cfg.run.output_dir)
     return OnlineResult(output_dir=Path(cfg.run.output_dir), history=history)

@@ -245,13 +245,16 @@ def run_rm(cfg: RMConfig):
         )
     trainer = Trainer(head, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
-    if trainer.acc.is_main_process:
+
+    def write(out):
         head = trainer.unwrapped()
         head.eval()
-        mean = save_reward_model(head.model, tokenizer, cfg.run.output_dir, cfg.reward_scale, seen.mean,
+        mean = save_reward_model(head.model, tokenizer, out, cfg.reward_scale, seen.mean,
                                  extra_config={"alignkit_objective": objective, **reward_model_marker(objective=objective)})
         print(f"[alignkit] saved reward model to {cfg.run.output_dir} (mean training reward {mean:.4f}, "
               f"reward_scale {cfg.reward_scale:g} folded into the head)")
+
+    trainer.save_final(write)
     return result
 
 

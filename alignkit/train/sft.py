@@ -90,8 +90,7 @@ def run_sft(cfg: SFTConfig):
     task = build_sft_task(data.train, data.eval, tokenizer.pad_token_id, cfg.run.padding_free)
     trainer = Trainer(model, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
-    if trainer.acc.is_main_process:
-        save_model(trainer.unwrapped(), tokenizer, cfg.run.output_dir)
+    trainer.save_final(lambda out: save_model(trainer.unwrapped(), tokenizer, out))
     return result
 
 

@@ -1,0 +1,488 @@
+"""The one training engine every method drives, offline and online.
+
+A driver decides *what* each optimizer step trains on: the offline loop (:mod:`alignkit.train.loop`:
+SFT, reward models, DPO, KTO, critic) cuts a global batch of examples into micro-batches, the online
+loop (:mod:`alignkit.train.online`: PPO, GRPO, RLOO) cuts minibatches of episodes from a rollout.
+The :class:`Engine` does everything else, one way for all of them:
+
+- **model preparation**: mixed precision (:func:`make_accelerator`), gradient checkpointing on
+  every transformers model inside the trained module (a PPO policy and its critic alike), dropout
+  off where a method compares the policy with itself (:func:`prepare_model`);
+- **the optimizer step** (:meth:`Engine.step`): gradient accumulation with the loss divided by the
+  units of the whole step (all micro-batches, all processes), so the gradient equals the one of a
+  single big batch however it is split; clipping; AdamW; the schedule; and the **non-finite
+  guard**: a step whose loss or gradient norm is NaN/inf is skipped (counted, logged as
+  ``skipped_nonfinite``), and ``run.max_nonfinite_steps`` of them in a row stop the run with a
+  :class:`~alignkit.numerics.NonFiniteError`;
+- **checkpoints and the final model**: :meth:`Engine.save_checkpoint`, :meth:`Engine.resume` and
+  :meth:`Engine.save_final` are the only places that write or read a run's state. Checkpoints hold
+  model, optimizer, scheduler, RNG (accelerate's ``save_state``), the objects a driver registers
+  (KL controller, Lagrange multiplier) and the data position, and are written atomically (a
+  temporary directory renamed into place), so ``run.resume=true`` continues a killed run exactly;
+- **metrics, progress and evaluation** (:meth:`Engine.log`, :meth:`Engine.evaluate`).
+
+Engine: ``accelerate`` (DDP, FSDP or DeepSpeed from its config).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alignkit.config import OptimConfig, RunConfig
+from alignkit.numerics import FIXES, NonFiniteError
+from alignkit.train.outputs import CHECKPOINT_DIR, STATE_FILE
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision and the accelerate engine
+# --------------------------------------------------------------------------------------------
+
+#: Smallest hidden size for which "auto" picks bf16 on a CPU with native bf16 instructions. A
+#: training step of a 4-layer Llama (batch 8 × 200 tokens, one thread, avx512_bf16 CPU, torch
+#: 2.13) ran 1.12× faster under bf16 autocast at hidden 64, 1.44× at 128, 1.57× at 256 and 1.75×
+#: at 512: below 256 the gain is small and fp32 keeps small runs (tests, the demo) exact.
+CPU_BF16_MIN_HIDDEN = 256
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The native bf16 instruction set of this CPU (``amx_bf16`` or ``avx512_bf16``), else None.
+    Without them bf16 matmuls are emulated, and slower than fp32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: ask torch's oneDNN build whether the CPU has AMX
+        return "amx_bf16" if getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")().startswith("AMX") else None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def _hidden_size(model) -> int | None:
+    for module in (model.modules() if model is not None else ()):
+        size = getattr(getattr(module, "config", None), "hidden_size", None)
+        if size:
+            return int(size)
+    return None
+
+
+def choose_mixed_precision(requested: str, model: torch.nn.Module | None = None) -> tuple[str, str]:
+    """Pick the autocast dtype: (choice, reason). bf16 only where the hardware runs it fast:
+    a CUDA device with bf16, or a CPU with native bf16 instructions and a model of hidden size
+    at least :data:`CPU_BF16_MIN_HIDDEN`; fp32 otherwise."""
+    if requested != "auto":
+        return requested, "as configured"
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:  # accelerate allows one precision per process
+        chosen = str(AcceleratorState().mixed_precision)
+        return chosen, f"this process's accelerator already runs with mixed_precision={chosen}"
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "CUDA device with native bf16"
+        return "no", "CUDA device without bf16: fp32 (fp16 needs loss scaling; opt in with mixed_precision=fp16)"
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    if is_xpu_available() or is_npu_available():
+        return "no", "XPU/NPU device: fp32 (opt in with mixed_precision=bf16)"
+    native = cpu_bf16_instructions()
+    if native is None:
+        return "no", "CPU without native bf16 instructions: fp32 (bf16 would be emulated, slower)"
+    hidden = _hidden_size(model)
+    if hidden is None or hidden < CPU_BF16_MIN_HIDDEN:
+        return "no", (f"CPU with {native}, but the model is small (hidden size {hidden} < {CPU_BF16_MIN_HIDDEN}): fp32 "
+                      f"(bf16 gains ≤ 1.4× there; opt in with mixed_precision=bf16)")
+    return "bf16", f"CPU with {native} and hidden size {hidden} ≥ {CPU_BF16_MIN_HIDDEN}: bf16 autocast (1.5-1.8× a step; mixed_precision=no for fp32)"
+
+
+def launched_on_cpu_only() -> bool:
+    """True when this process belongs to a multi-process launch (torchrun / ``accelerate launch``)
+    on a machine with no accelerator. accelerate then needs ``cpu=True`` to join the processes in
+    one gloo group; without it each process would silently train alone on the whole data."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or torch.cuda.is_available():
+        return False
+    from accelerate.utils import is_npu_available, is_xpu_available
+
+    return not (is_xpu_available() or is_npu_available())
+
+
+def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module | None = None):
+    """The accelerate engine for ``run``; ``model`` (the one to be trained) informs the
+    mixed-precision choice (:func:`choose_mixed_precision`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    mp, why = choose_mixed_precision(run.mixed_precision, model)
+    trackers = []
+    for name in [n.strip() for n in run.report_to.split(",") if n.strip()]:
+        if name == "jsonl":
+            continue
+        if name == "tensorboard":
+            trackers.append("tensorboard")
+        elif name in ("wandb", "mlflow"):
+            import importlib.util
+
+            if importlib.util.find_spec(name) is None:
+                log.warning("report_to=%s but %s is not installed: skipped", name, name)
+                continue
+            trackers.append(name)
+        else:
+            raise ValueError(f"run.report_to: unknown logger {name!r}; use jsonl, tensorboard, wandb or mlflow")
+    acc = Accelerator(
+        cpu=launched_on_cpu_only(),
+        mixed_precision=mp,
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "tb")),
+    )
+    if acc.is_main_process:
+        print(f"[alignkit] device={acc.device} processes={acc.num_processes} mixed_precision={mp} ({why}); "
+              f"gradient_checkpointing={'on' if run.gradient_checkpointing else 'off'}"
+              f"{'' if run.gradient_checkpointing else ' (enable with run.gradient_checkpointing=true to save memory)'}")
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Model preparation, optimizer, schedule
+# --------------------------------------------------------------------------------------------
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> int:
+    """Turn on activation checkpointing in every transformers model inside ``model`` (the
+    outermost one of each nested family: a causal LM, a PPO critic's backbone, a reward model's
+    body; through peft wrappers too). Returns how many were switched on.
+
+    The checkpointed layers recompute their activations in the backward pass instead of storing
+    them (non-reentrant, so LoRA with frozen embeddings still gets gradients). In ``eval()`` mode,
+    as during generation, the layers run normally and keep their KV cache.
+    """
+    from transformers import PreTrainedModel
+
+    def visit(module: torch.nn.Module) -> int:
+        if isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing:
+            # transformers 5 renamed it (the old name warns and goes in v6)
+            enable = getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable
+            enable()
+            return 1
+        return sum(visit(child) for child in module.children())
+
+    return visit(model)
+
+
+def prepare_model(model: torch.nn.Module, run: RunConfig, dropout: bool = True) -> torch.nn.Module:
+    """Make ``model`` ready to train under ``run``: gradient checkpointing when
+    ``run.gradient_checkpointing`` (refused, by name, for a model with nothing to checkpoint) and,
+    with ``dropout=False``, every dropout switched off (on-policy methods: π_old and π_θ must be
+    one function, see :mod:`alignkit.models.dropout`). Precision is accelerate's, per process."""
+    if not dropout:
+        from alignkit.models.dropout import disable_dropout
+
+        disable_dropout(model)
+    if run.gradient_checkpointing and enable_gradient_checkpointing(model) == 0:
+        raise ValueError(f"run.gradient_checkpointing=true, but {type(model).__name__} holds no transformers model "
+                         "that supports it; set run.gradient_checkpointing=false")
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # norms and biases: no weight decay
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.adam_betas)
+
+
+def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    if optim.schedule not in names:
+        raise ValueError(f"optim.schedule must be one of {', '.join(names)}; got {optim.schedule!r}")
+    warmup = int(round(optim.warmup_ratio * total_steps))
+    return get_scheduler(names[optim.schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder of ``output_dir`` (one with its state file), or None."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.exists():
+        return None
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured on *this* process (the driver reduces over processes)."""
+
+    local_units: float = 0.0
+    """Loss units (tokens, weighted sequences) of this process's micro-batches, filler excluded."""
+    total_units: float = 0.0
+    """Loss units of the whole step: all micro-batches of all processes (the loss's divisor)."""
+    loss_sum: float = 0.0
+    """Σ of the per-unit losses of this process's micro-batches (the loss is loss_sum / total_units)."""
+    metrics: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    """Σ metric × units per metric name (extra-loss metrics weighted by local_units)."""
+    grad_norm: float | None = None
+    """Global gradient norm before clipping (None where the backend does not report it)."""
+    skipped: bool = False
+    """The update was skipped: the loss or the gradient norm was not finite."""
+
+
+class Engine:
+    """Accelerator, prepared model and optimizer, schedule, checkpoints, logs of one run.
+
+    ``total_steps`` counts what the run's progress and checkpoints count: optimizer steps offline,
+    rollouts online (``unit`` names it in messages). ``dropout=False`` switches dropout off.
+    """
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig, run: RunConfig, total_steps: int,
+                 optimizer_steps: int | None = None, name: str = "train", config: Any = None, accelerator=None,
+                 dropout: bool = True, unit: str = "step", resume_hint: str = ""):
+        if run.max_nonfinite_steps < 1:
+            raise ValueError(f"run.max_nonfinite_steps={run.max_nonfinite_steps}: must be ≥ 1")
+        self.optim, self.run, self.name, self.config = optim, run, name, config
+        self.total_steps, self.unit, self.resume_hint = total_steps, unit, resume_hint
+        self.acc = accelerator or make_accelerator(run, model=model)
+        prepare_model(model, run, dropout=dropout)
+        optimizer = build_optimizer(model, optim)
+        # The schedule counts optimizer steps (online: several per rollout).
+        scheduler = build_scheduler(optimizer, optim, optimizer_steps or total_steps)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        # Not prepared: accelerate would step it once per process; total_steps already counts
+        # global optimizer steps. Registered so checkpoints still hold its state.
+        self.scheduler = scheduler
+        self.acc.register_for_checkpointing(scheduler)
+        self.skipped_nonfinite = 0
+        """Optimizer steps skipped for a non-finite loss or gradient norm since the run began (resume included)."""
+        self._nonfinite_streak = 0
+        self._state: dict[str, Any] = {}
+        self.writer = None
+        self.progress = None
+
+    @property
+    def device(self):
+        return self.acc.device
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def register_state(self, state: dict[str, Any]) -> None:
+        """Objects with ``state_dict()``/``load_state_dict()`` to keep in checkpoints (a KL
+        controller, a Lagrange multiplier); None values are left out. Call before :meth:`resume`."""
+        self._state = {k: v for k, v in state.items() if v is not None}
+
+    # ---- the optimizer step --------------------------------------------------------------------
+    def step(self, micro: list[tuple[Any, float]], units: Callable[[Any], float],
+             loss: Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict]],
+             extra_loss: Callable[[torch.nn.Module], tuple[torch.Tensor, dict]] | None = None,
+             where: str = "") -> StepStats:
+        """One optimizer step over this process's micro-batches ``micro`` = [(batch, weight)].
+
+        ``units(batch)`` counts a batch's loss units; ``loss(model, batch)`` returns the *sum* of
+        its per-unit losses and metrics (batch means). Each is scaled by weight × processes / (units
+        of the whole step over all processes) before ``backward``: DDP averages gradients over
+        processes, so the result is Σ(all unit losses) / (all units), the single-big-batch
+        gradient. A weight of 0 marks a filler slot (a process with fewer examples runs one so that
+        every process makes the same forward/backward calls and collectives). ``extra_loss(model)``
+        (PPO-ptx) is added once, unscaled. Then clip, and step unless the guard skips (see
+        :meth:`_apply`); ``where`` (e.g. ``"step 12"``) names the step in messages.
+        """
+        acc = self.acc
+        stats = StepStats(local_units=sum(float(units(b)) * w for b, w in micro))
+        total_units = acc.reduce(torch.tensor(stats.local_units, device=acc.device), reduction="sum").clamp_min(1e-8)
+        stats.total_units = float(total_units)
+        for j, (batch, w) in enumerate(micro):
+            sync = acc.no_sync(self.model) if j < len(micro) - 1 else nullcontext()
+            with sync, acc.autocast():
+                loss_sum, metrics = loss(self.model, batch)
+                scaled = loss_sum * (w * acc.num_processes) / total_units
+            acc.backward(scaled)
+            u = float(units(batch)) * w
+            stats.loss_sum += float(loss_sum.detach()) * w
+            for name, v in metrics.items():
+                stats.metrics[name] += float(v) * u
+        extra_finite = True
+        if extra_loss is not None:
+            with acc.autocast():
+                extra, metrics = extra_loss(self.model)
+            acc.backward(extra)
+            extra_finite = math.isfinite(float(extra.detach()))
+            for name, v in metrics.items():
+                stats.metrics[name] += float(v) * stats.local_units
+        # max_norm=inf measures the norm (the guard needs it) and scales the gradients by exactly 1.
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.optim.max_grad_norm or math.inf)
+        stats.grad_norm = None if norm is None else float(norm)
+        self._apply(stats, math.isfinite(stats.loss_sum) and extra_finite, where)
+        return stats
+
+    def _apply(self, stats: StepStats, loss_finite: bool, where: str) -> None:
+        """The non-finite guard, then the update: skip a step whose loss or gradient norm is not
+        finite (the weights and optimizer moments stay as they were), stop the run after
+        ``run.max_nonfinite_steps`` such steps in a row. The schedule advances either way, so the
+        learning rate stays a function of the step index (and a resumed run's schedule matches)."""
+        grad_finite = stats.grad_norm is None or math.isfinite(stats.grad_norm)
+        if self.acc.num_processes > 1:  # every process must take the same decision
+            flags = torch.tensor([float(not loss_finite), float(not grad_finite)], device=self.acc.device)
+            loss_finite, grad_finite = (float(x) == 0 for x in self.acc.reduce(flags, reduction="sum"))
+        # Under fp16 loss scaling an overflowing gradient is the scaler's business: its step skips
+        # the update and lowers the scale, which is how it finds its scale in the first place.
+        scaler_overflow = self.acc.scaler is not None and loss_finite and not grad_finite
+        if (loss_finite and grad_finite) or scaler_overflow:
+            self.optimizer.step()
+            self._nonfinite_streak = 0
+        else:
+            stats.skipped = True
+            self.skipped_nonfinite += 1
+            self._nonfinite_streak += 1
+            what = "loss" if not loss_finite else "gradient norm"
+            if self.acc.is_main_process:
+                print(f"[alignkit] {self.name} {where}: non-finite {what} (loss sum {stats.loss_sum:g}, gradient norm "
+                      f"{stats.grad_norm}); update skipped ({self._nonfinite_streak} in a row, "
+                      f"{self.skipped_nonfinite} in all)")
+        with warnings.catch_warnings():  # torch warns when the first optimizer step was the skipped one
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self._nonfinite_streak >= self.run.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.name}: {self._nonfinite_streak} optimizer steps in a row (the last: {where or 'this one'}) had a "
+                f"non-finite loss or gradient norm and were skipped (run.max_nonfinite_steps="
+                f"{self.run.max_nonfinite_steps}); the run stops and no model is saved. The training diverged: {FIXES}")
+
+    # ---- checkpoints and the final model ---------------------------------------------------------
+    def save_checkpoint(self, step: int, extra: dict | None = None) -> None:
+        """Write a resumable checkpoint after ``step`` (optimizer steps offline, rollouts online):
+        model, optimizer, scheduler and RNG through accelerate, plus ``trainer_state.json`` (the
+        step, the run length, the registered objects, the non-finite counters and ``extra``).
+        Written into a temporary directory renamed into place, so a checkpoint directory is
+        complete or absent; only the newest ``run.keep_checkpoints`` are kept."""
+        root = Path(self.run.output_dir) / CHECKPOINT_DIR
+        final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            state = {"step": step, "total_steps": self.total_steps,
+                     "state": {name: obj.state_dict() for name, obj in self._state.items()},
+                     "nonfinite": {"skipped": self.skipped_nonfinite, "streak": self._nonfinite_streak},
+                     **(extra or {})}
+            (tmp / STATE_FILE).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
+            old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for p in old[: max(0, len(old) - self.run.keep_checkpoints)]:
+                shutil.rmtree(p, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    def resume(self) -> tuple[int, dict]:
+        """With ``run.resume``, continue from the newest checkpoint: restore model, optimizer,
+        scheduler, RNG and the registered objects. Returns (the step to continue from, the
+        checkpoint's state dict); (0, {}) when not resuming or there is no checkpoint."""
+        main = self.acc.is_main_process
+        if not self.run.resume:
+            return 0, {}
+        ckpt = latest_checkpoint(self.run.output_dir)
+        if ckpt is None:
+            if main:
+                print(f"[alignkit] resume: no checkpoint in {self.run.output_dir}; starting from scratch")
+            return 0, {}
+        self.acc.load_state(str(ckpt))
+        saved = json.loads((ckpt / STATE_FILE).read_text())
+        if saved["total_steps"] != self.total_steps:
+            raise ValueError(f"resume: {ckpt} was written by a run of {saved['total_steps']} {self.unit}s but this run "
+                             f"has {self.total_steps}; {self.resume_hint or 'keep the same settings'} to resume")
+        for name, obj in self._state.items():
+            obj.load_state_dict(saved["state"][name])
+        counters = saved.get("nonfinite", {})
+        self.skipped_nonfinite, self._nonfinite_streak = counters.get("skipped", 0), counters.get("streak", 0)
+        if main:
+            print(f"[alignkit] resumed from {ckpt} at {self.unit} {saved['step']}/{self.total_steps}")
+        return int(saved["step"]), saved
+
+    def save_final(self, write: Callable[[Path], Any], output_dir: str | Path | None = None) -> Any:
+        """Save the finished model: ``write(folder)`` writes it (``save_model``, a reward model's
+        save, a critic's template) on the main process into ``output_dir`` (default
+        ``run.output_dir``). Weights that are not finite are refused with an error naming them:
+        a diverged run never leaves a NaN model behind. Returns what ``write`` returns (None on
+        the other processes)."""
+        from alignkit.train.outputs import check_finite_weights
+
+        out = Path(output_dir or self.run.output_dir)
+        result = None
+        check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
+        if self.acc.is_main_process:
+            result = write(out)
+        self.acc.wait_for_everyone()
+        return result
+
+    # ---- metrics, progress, evaluation ---------------------------------------------------------------
+    def open_logs(self, start: int) -> None:
+        """Start the metrics writer (``metrics.jsonl``, trackers, the run's config) and the
+        progress bar at ``start`` of ``total_steps``."""
+        from alignkit.train.progress import MetricsWriter, Progress
+
+        self.writer = MetricsWriter(self.run, self.acc, self.config)
+        self.progress = Progress(self.name, self.total_steps, start, enabled=self.run.progress and self.acc.is_main_process)
+
+    def log(self, row: dict, done: int, tokens_per_s: float) -> None:
+        """Record the metrics ``row`` of step ``done``: written every ``run.log_every`` steps and
+        at the last; the progress bar shows its loss."""
+        if done % max(1, self.run.log_every) == 0 or done == self.total_steps:
+            self.writer.write(row, done)
+        self.progress.update(done, float(row.get("loss", float("nan"))), tokens_per_s)
+
+    def write(self, row: dict, done: int) -> None:
+        """Write a row outside the per-step cadence (the final evaluation)."""
+        self.writer.write(row, done)
+
+    def close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def close_logs(self) -> None:
+        self.close_progress()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def evaluate(self, fn: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
+        """``fn(unwrapped model)`` in eval mode without gradients; the training mode is restored."""
+        model = self.unwrapped()
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = fn(model)
+        model.train(was_training)
+        return out
+
+    def due_evaluation(self, done: int) -> bool:
+        """True after step ``done`` when ``run.eval_every`` asks for an evaluation there (the last
+        step's evaluation is the final one, run separately)."""
+        return bool(self.run.eval_every) and done % self.run.eval_every == 0 and done < self.total_steps
+
+    def due_checkpoint(self, done: int) -> bool:
+        """True after step ``done`` when ``run.save_every`` asks for a checkpoint there (none after
+        the last step: the final model is saved instead)."""
+        return bool(self.run.save_every) and done % self.run.save_every == 0 and done < self.total_steps
