@@ -257,12 +257,28 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, run: RunConfig, total_steps: int,
                  optimizer_steps: int | None = None, name: str = "train", config: Any = None, accelerator=None,
-                 dropout: bool = True, unit: str = "step", resume_hint: str = ""):
+                 dropout: bool = True, unit: str = "step", resume_hint: str = "", data: Any = None):
+        from alignkit.train.outputs import OutputLock, claim_output_dir, run_fingerprint
+
         if run.max_nonfinite_steps < 1:
             raise ValueError(f"run.max_nonfinite_steps={run.max_nonfinite_steps}: must be ≥ 1")
         self.optim, self.run, self.name, self.config = optim, run, name, config
         self.total_steps, self.unit, self.resume_hint = total_steps, unit, resume_hint
         self.acc = accelerator or make_accelerator(run, model=model)
+        # The output folder: one writer at a time, no finished model or unfinished run's
+        # checkpoints silently overwritten, an interrupted final save finished (train/outputs.py).
+        self._lock = None
+        if self.acc.is_main_process:
+            self._lock = OutputLock(run.output_dir).acquire()
+            try:
+                claim_output_dir(run.output_dir, run.resume, run.overwrite)
+            except BaseException:
+                self._release()
+                raise
+        self.acc.wait_for_everyone()
+        # What shapes the result (settings and a digest of ``data``, what the run trains on): a
+        # resume must match it (``run.resume_changed`` allows otherwise).
+        self.fingerprint = run_fingerprint(config, data, processes=self.acc.num_processes, total_steps=total_steps)
         prepare_model(model, run, dropout=dropout)
         optimizer = build_optimizer(model, optim)
         # The schedule counts optimizer steps (online: several per rollout).
@@ -383,7 +399,7 @@ class Engine:
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
-            state = {"step": step, "total_steps": self.total_steps,
+            state = {"step": step, "total_steps": self.total_steps, "fingerprint": self.fingerprint,
                      "state": {name: obj.state_dict() for name, obj in self._state.items()},
                      "nonfinite": {"skipped": self.skipped_nonfinite, "streak": self._nonfinite_streak},
                      **(extra or {})}
@@ -396,29 +412,45 @@ class Engine:
         self.acc.wait_for_everyone()
 
     def resume(self) -> tuple[int, dict]:
-        """With ``run.resume``, continue from the newest checkpoint: restore model, optimizer,
-        scheduler, RNG and the registered objects. Returns (the step to continue from, the
-        checkpoint's state dict); (0, {}) when not resuming or there is no checkpoint."""
+        """With ``run.resume``, continue from the newest intact checkpoint: restore model,
+        optimizer, scheduler, RNG and the registered objects. Returns (the step to continue from,
+        the checkpoint's state dict); (0, {}) when not resuming or there is no checkpoint.
+
+        A damaged checkpoint (a truncated weight or optimizer file, a garbled state file, or one
+        that fails to load) is skipped with a message for the previous intact one; a checkpoint
+        written with other settings (:mod:`alignkit.train.outputs` fingerprint) stops the run with
+        the list of differences, unless ``run.resume_changed``; a finished run says so."""
+        from alignkit.train.outputs import OutputError, check_resume_settings, finished_run, intact_checkpoints
+
         main = self.acc.is_main_process
+        log = print if main else (lambda *_: None)
         if not self.run.resume:
             return 0, {}
-        ckpt = latest_checkpoint(self.run.output_dir)
-        if ckpt is None:
-            if main:
-                print(f"[alignkit] resume: no checkpoint in {self.run.output_dir}; starting from scratch")
-            return 0, {}
-        self.acc.load_state(str(ckpt))
-        saved = json.loads((ckpt / STATE_FILE).read_text())
-        if saved["total_steps"] != self.total_steps:
-            raise ValueError(f"resume: {ckpt} was written by a run of {saved['total_steps']} {self.unit}s but this run "
-                             f"has {self.total_steps}; {self.resume_hint or 'keep the same settings'} to resume")
-        for name, obj in self._state.items():
-            obj.load_state_dict(saved["state"][name])
-        counters = saved.get("nonfinite", {})
-        self.skipped_nonfinite, self._nonfinite_streak = counters.get("skipped", 0), counters.get("streak", 0)
-        if main:
-            print(f"[alignkit] resumed from {ckpt} at {self.unit} {saved['step']}/{self.total_steps}")
-        return int(saved["step"]), saved
+        done = finished_run(self.run.output_dir)
+        if done is not None:
+            raise OutputError(
+                f"resume: {self.run.output_dir} holds a finished run (saved {done.get('finished', '?')}); there is nothing "
+                "to resume. Set run.overwrite=true (and run.resume=false) to train it again from scratch, or choose "
+                "another run.output_dir")
+        for ckpt, saved in intact_checkpoints(self.run.output_dir, log):
+            check_resume_settings(ckpt, saved.get("fingerprint"), self.fingerprint, self.run.resume_changed, log)
+            if saved.get("total_steps") != self.total_steps:
+                raise ValueError(f"resume: {ckpt} was written by a run of {saved.get('total_steps')} {self.unit}s but this "
+                                 f"run has {self.total_steps}; {self.resume_hint or 'keep the same settings'} to resume")
+            try:
+                self.acc.load_state(str(ckpt))
+                for name, obj in self._state.items():
+                    obj.load_state_dict(saved["state"][name])
+            except Exception as e:  # damaged in a way the cheap checks missed: the next one restores everything
+                log(f"[alignkit] resume: checkpoint {ckpt.name} failed to load ({type(e).__name__}: {e}); "
+                    "falling back to the previous one")
+                continue
+            counters = saved.get("nonfinite", {})
+            self.skipped_nonfinite, self._nonfinite_streak = counters.get("skipped", 0), counters.get("streak", 0)
+            log(f"[alignkit] resumed from {ckpt} at {self.unit} {saved['step']}/{self.total_steps}")
+            return int(saved["step"]), saved
+        log(f"[alignkit] resume: no intact checkpoint in {self.run.output_dir}; starting from scratch")
+        return 0, {}
 
     def save_final(self, write: Callable[[Path], Any], output_dir: str | Path | None = None) -> Any:
         """Save the finished model: ``write(folder)`` writes it (``save_model``, a reward model's
@@ -426,15 +458,32 @@ class Engine:
         ``run.output_dir``). Weights that are not finite are refused with an error naming them:
         a diverged run never leaves a NaN model behind. Returns what ``write`` returns (None on
         the other processes)."""
-        from alignkit.train.outputs import check_finite_weights
+        from alignkit.train.outputs import check_finite_weights, final_save
 
         out = Path(output_dir or self.run.output_dir)
         result = None
-        check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
-        if self.acc.is_main_process:
-            result = write(out)
-        self.acc.wait_for_everyone()
+        try:
+            check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
+            if self.acc.is_main_process:
+                # Atomic: written aside, then moved into place (train/outputs.py final_save).
+                with final_save(out, {"command": self.name, "steps": self.total_steps}) as tmp:
+                    result = write(tmp)
+            self.acc.wait_for_everyone()
+        finally:
+            self._release()
         return result
+
+    def _release(self) -> None:
+        """Give the output folder's lock back (after the final save, or when the run fails)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __del__(self):
+        try:
+            self._release()
+        except Exception:  # interpreter shutdown: the kernel drops the lock anyway
+            pass
 
     # ---- metrics, progress, evaluation ---------------------------------------------------------------
     def open_logs(self, start: int) -> None:
@@ -442,7 +491,7 @@ class Engine:
         progress bar at ``start`` of ``total_steps``."""
         from alignkit.train.progress import MetricsWriter, Progress
 
-        self.writer = MetricsWriter(self.run, self.acc, self.config)
+        self.writer = MetricsWriter(self.run, self.acc, self.config, start=start)
         self.progress = Progress(self.name, self.total_steps, start, enabled=self.run.progress and self.acc.is_main_process)
 
     def log(self, row: dict, done: int, tokens_per_s: float) -> None:

@@ -131,7 +131,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg,
+    loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg, prompts=prompts,
                       evaluate=held_out_reward(cfg, tokenizer, reward))
     if reference is not None:
         reference.to(loop.device)

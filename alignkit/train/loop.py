@@ -98,7 +98,7 @@ class Trainer:
         else:
             self.total_steps = max(1, math.ceil(optim.epochs * self.steps_per_epoch))
         self.engine = Engine(model, optim, run, self.total_steps, name=task.name, config=config, accelerator=acc,
-                             resume_hint="keep the same data, batch sizes and epochs/max_steps")
+                             resume_hint="keep the same data, batch sizes and epochs/max_steps", data=task.items)
         self.acc, self.model = self.engine.acc, self.engine.model
         self._epoch_cache: dict[int, list] = {}
 

@@ -60,12 +60,17 @@ class OutputError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
+_HELD: dict[str, list] = {}
+"""Lock files this process holds: resolved path → [descriptor, the OutputLock that owns it]."""
+
+
 class OutputLock:
     """An exclusive lock on an output folder, held while a run writes it.
 
     ``flock`` on ``output_dir/.alignkit.lock`` (released by the kernel when the process exits,
     however it exits); the file names the holder (host, pid, command, start time) so the refusal
-    can say who it is.
+    can say who it is. Within one process the lock is re-entrant: a later run in the same
+    process (a notebook cell run again after an error) takes it over.
     """
 
     def __init__(self, output_dir: str | Path):
@@ -76,6 +81,13 @@ class OutputLock:
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD:
+            # Held by this very process: a run that stopped early (an exception in a notebook, a
+            # test's simulated kill) is over, and this process now starts the next one.
+            self._fd = _HELD[key][0]
+            _HELD[key][1] = self
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,18 +102,22 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps(holder).encode())
         self._fd = fd
+        _HELD[key] = [fd, self]
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
+        key = str(self.path.resolve())
+        if self._fd is not None and key in _HELD and _HELD[key][1] is self:
             import fcntl
+
+            del _HELD[key]
 
             # Truncated, not removed: removing would let a third process lock a fresh inode
             # while a second one still holds the old one.
             os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
-            self._fd = None
+        self._fd = None
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
@@ -128,7 +144,11 @@ def finished_run(output_dir: str | Path) -> dict | None:
 
 
 def _model_entries(output_dir: Path) -> list[Path]:
-    return [p for p in output_dir.iterdir() if p.name not in _RUN_FILES and p.name != DONE_FILE]
+    """The entries the last final save wrote (listed in its ``alignkit_done.json``): only those
+    are ever replaced or removed, never what else a run or a user keeps in the folder."""
+    done = finished_run(output_dir) or {}
+    names = done.get("files") if isinstance(done.get("files"), list) else []
+    return [output_dir / n for n in names if n not in _RUN_FILES and n != DONE_FILE and (output_dir / n).exists()]
 
 
 def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, log=print) -> None:
@@ -167,9 +187,9 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, log=
             f"{out} holds a finished model{when}; choose another run.output_dir, or set run.overwrite=true "
             "to replace it")
     log(f"[alignkit] run.overwrite: removing the finished model in {out} before training")
-    (out / DONE_FILE).unlink()
     for p in _model_entries(out):
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (out / DONE_FILE).unlink()
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
@@ -180,7 +200,8 @@ def final_save(output_dir: str | Path, record: dict | None = None) -> Iterator[P
 
     The body writes into a temporary folder inside ``output_dir``; once it returns, the folder is
     marked complete (the commit point), its entries replace the model's entries in ``output_dir``
-    (old model files the new save lacks are removed) and ``alignkit_done.json`` (``record`` plus
+    (old model files the new save lacks are removed: only files an earlier final save listed,
+    never the run's logs or a user's files) and ``alignkit_done.json`` (``record`` plus
     the time) is written last. A kill before the commit point leaves the old folder untouched
     plus a temporary folder discarded at the next start; a kill after it is finished at the next
     start by :func:`recover_final_save`. Run it on the main process only.
@@ -190,7 +211,8 @@ def final_save(output_dir: str | Path, record: dict | None = None) -> Iterator[P
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
-    done = {**(record or {}), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    done = {**(record or {}), "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "files": sorted(p.name for p in tmp.iterdir())}
     (tmp / DONE_FILE).write_text(json.dumps(done, indent=2), encoding="utf-8")
     _fsync_tree(tmp)
     (tmp / _COMPLETE).write_text("")  # commit point
@@ -215,11 +237,11 @@ def recover_final_save(output_dir: str | Path, log=print) -> None:
 def _apply_final_save(out: Path) -> None:
     """Move a committed temporary save into place. Idempotent, so a second kill is safe too."""
     tmp = out / _FINAL_TMP
-    (out / DONE_FILE).unlink(missing_ok=True)  # the folder is not "finished" while files move
     new = {p.name for p in tmp.iterdir()} - {_COMPLETE, DONE_FILE}
     for p in _model_entries(out):
         if p.name not in new:  # an old model's file the new one does not have (e.g. adapter/)
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    (out / DONE_FILE).unlink(missing_ok=True)  # the folder is not "finished" while files move
     for name in sorted(new):
         dst = out / name
         if dst.is_dir() and not dst.is_symlink():

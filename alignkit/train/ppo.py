@@ -226,7 +226,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     policy = load_causal_lm(cfg.model)
     reference = Reference(policy)  # frozen copy, or the LoRA policy with its adapter disabled
     model = ActorCritic(policy, VALUE_MODELS[cfg.value_model](cfg, policy), shared=cfg.value_model == "shared")
-    loop = OnlineLoop(model, cfg.optim, cfg.run, cfg.rollout, len(prompts), "ppo", config=cfg,
+    loop = OnlineLoop(model, cfg.optim, cfg.run, cfg.rollout, len(prompts), "ppo", config=cfg, prompts=prompts,
                       evaluate=held_out_reward(cfg, tokenizer, reward, policy_of=lambda m: m.policy))
     reference.to(loop.device)
     generator = make_generator(loop.unwrapped().policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -40,10 +41,30 @@ class Progress:
             self._p.stop()
 
 
-class MetricsWriter:
-    """Appends each metrics row to ``output_dir/metrics.jsonl`` and forwards it to accelerate's trackers."""
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows of ``metrics.jsonl`` after ``step``: a run resumed from step ``step`` writes
+    them again, and a fresh run (``step`` 0) starts an empty log. Rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a row cut short by a kill
+        if isinstance(row_step, (int, float)) and row_step <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
-    def __init__(self, run, accelerator, config=None):
+
+class MetricsWriter:
+    """Appends each metrics row to ``output_dir/metrics.jsonl`` and forwards it to accelerate's trackers.
+    With ``start`` (the step a run starts or resumes from), rows after it are dropped first, so
+    a resumed run never repeats a step."""
+
+    def __init__(self, run, accelerator, config=None, start: int | None = None):
         self.acc = accelerator
         self.main = accelerator.is_main_process
         self.jsonl = None
@@ -57,7 +78,10 @@ class MetricsWriter:
 
                 save_config(config, out / "alignkit_config.yaml")
             if "jsonl" in names:
-                self.jsonl = open(out / "metrics.jsonl", "a", encoding="utf-8")
+                path = out / "metrics.jsonl"
+                if start is not None:
+                    _keep_rows_up_to(path, start)
+                self.jsonl = open(path, "a", encoding="utf-8")
         self.trackers = bool(accelerator.log_with)
         if self.trackers:
             flat = _flatten(_plain(config)) if config is not None else {}

@@ -49,10 +49,12 @@ def online_inputs(cfg, prompts=None, reward=None):
 class OnlineLoop:
     """One online run over the shared engine: rollouts, the minibatch :meth:`update` every online
     method uses, timers, per-rollout logs and checkpoints. ``evaluate(model) -> metrics``, if
-    given, runs every ``run.eval_every`` rollouts and after the last (``eval/`` metrics)."""
+    given, runs every ``run.eval_every`` rollouts and after the last (``eval/`` metrics).
+    ``prompts`` (the prompts themselves) go into the settings a resume must match."""
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig, run: RunConfig, rollout: RolloutConfig,
-                 n_prompts: int, name: str, config=None, evaluate: Callable[[torch.nn.Module], dict] | None = None):
+                 n_prompts: int, name: str, config=None, evaluate: Callable[[torch.nn.Module], dict] | None = None,
+                 prompts=None):
         if n_prompts == 0:
             raise ValueError(f"{name}: no prompts")
         self.optim, self.run, self.rollout, self.name, self.n_prompts = optim, run, rollout, name, n_prompts
@@ -66,7 +68,7 @@ class OnlineLoop:
         # Dropout off: the ratio π_θ/π_old compares the policy with itself (alignkit.models.dropout).
         self.engine = Engine(model, optim, run, self.num_rollouts, self.num_rollouts * self.steps_per_rollout,
                              name=name, config=config, accelerator=acc, dropout=False, unit="rollout",
-                             resume_hint="keep the same prompts and rollout settings")
+                             resume_hint="keep the same prompts and rollout settings", data=prompts)
         self.acc, self.model, self.scheduler = acc, self.engine.model, self.engine.scheduler
         self.evaluate = evaluate
         self.times: dict[str, float] = defaultdict(float)
