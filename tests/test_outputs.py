@@ -228,3 +228,64 @@ def test_the_data_digest_sees_order_values_and_dtypes():
     assert data_digest(a) != data_digest(a[::-1])
     assert data_digest(a) != data_digest([{"ids": torch.tensor([1, 2], dtype=torch.int32)}, {"ids": torch.tensor([3])}])
     assert data_digest(a) != data_digest([{"ids": torch.tensor([1, 2])}, {"ids": torch.tensor([4])}])
+
+
+# ---- through the CLI: the guards where users meet them ------------------------------------------------
+
+
+def _sft(tiny_dir, tmp_path, *extra, data_rows=None):
+    from alignkit.cli import main
+    from tests.conftest import write_jsonl
+
+    rows = data_rows or [{"prompt": f"Item {i}?", "completion": f"Item {i} is red."} for i in range(16)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    return main(["sft", f"model.path={tiny_dir}", f"data.path={data}", "optim.batch_size=4", "optim.max_steps=4",
+                 f"run.output_dir={tmp_path / 'out'}", "run.progress=false", "run.report_to=jsonl", *extra])
+
+
+def _steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_a_finished_model_is_refused_then_replaced_on_request(tiny_dir, tmp_path, capsys):
+    assert _sft(tiny_dir, tmp_path) == 0
+    first = (tmp_path / "out" / "model.safetensors").read_bytes()
+    assert finished_run(tmp_path / "out")["command"] == "sft"
+    assert _sft(tiny_dir, tmp_path, "optim.lr=1e-3") == 1
+    err = capsys.readouterr().err
+    assert "holds a finished model" in err and "run.overwrite=true" in err and "Traceback" not in err
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == first
+    assert _sft(tiny_dir, tmp_path, "optim.lr=1e-3", "run.overwrite=true") == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != first
+    assert _steps(tmp_path / "out") == [1, 2, 3, 4]  # the first run's rows are gone with its model
+
+
+def test_cli_resume_refuses_changed_settings_and_falls_back_past_a_damaged_checkpoint(tiny_dir, tmp_path, capsys):
+    from alignkit.cli import main  # noqa: F401  (the CLI turns OutputError into exit 1)
+
+    # An uninterrupted run, then one killed after step 3 (checkpoints at 2 and 3 — simulated
+    # by running 4 steps with save_every=1 and removing what step 4 wrote).
+    assert _sft(tiny_dir, tmp_path, "run.save_every=1", "run.keep_checkpoints=3") == 0
+    out = tmp_path / "out"
+    full = (out / "model.safetensors").read_bytes()
+    for name in json.loads((out / DONE_FILE).read_text())["files"] + [DONE_FILE]:
+        (out / name).unlink() if (out / name).is_file() else None
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")  # all 4 rows: the resume must drop step 4's
+    capsys.readouterr()
+    # Changed settings: refused with the differences listed.
+    assert _sft(tiny_dir, tmp_path, "run.resume=true", "optim.lr=1e-3") == 1
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "optim.lr" in err and "run.resume_changed=true" in err
+    changed = [{"prompt": f"Item {i}?", "completion": f"Item {i} is blue."} for i in range(16)]
+    assert _sft(tiny_dir, tmp_path, "run.resume=true", data_rows=changed) == 1
+    assert "data: 'digest" in capsys.readouterr().err
+    # The newest checkpoint (step 3) damaged: the run falls back to step 2 and still ends where
+    # the uninterrupted run ended, with no step logged twice.
+    weights = out / "checkpoints" / "step-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert _sft(tiny_dir, tmp_path, "run.resume=true") == 0
+    text = capsys.readouterr().out
+    assert "skipping damaged checkpoint step-3" in text and "resumed from" in text and "step-2" in text
+    assert (out / "model.safetensors").read_bytes() == full
+    assert _steps(out) == [1, 2, 3, 4]

@@ -419,8 +419,8 @@ class Engine:
         A damaged checkpoint (a truncated weight or optimizer file, a garbled state file, or one
         that fails to load) is skipped with a message for the previous intact one; a checkpoint
         written with other settings (:mod:`alignkit.train.outputs` fingerprint) stops the run with
-        the list of differences, unless ``run.resume_changed``; a finished run says so."""
-        from alignkit.train.outputs import OutputError, check_resume_settings, finished_run, intact_checkpoints
+        the list of differences, unless ``run.resume_changed``; resuming a finished run says so."""
+        from alignkit.train.outputs import check_resume_settings, finished_run, intact_checkpoints
 
         main = self.acc.is_main_process
         log = print if main else (lambda *_: None)
@@ -428,10 +428,10 @@ class Engine:
             return 0, {}
         done = finished_run(self.run.output_dir)
         if done is not None:
-            raise OutputError(
-                f"resume: {self.run.output_dir} holds a finished run (saved {done.get('finished', '?')}); there is nothing "
-                "to resume. Set run.overwrite=true (and run.resume=false) to train it again from scratch, or choose "
-                "another run.output_dir")
+            # Replaying the end of a finished run (with the same settings, checked below) is
+            # legitimate, but never silent: its model will be replaced.
+            log(f"[alignkit] resume: {self.run.output_dir} holds a finished run (saved {done.get('finished', '?')}); "
+                "continuing from its newest checkpoint replaces that model at the end")
         for ckpt, saved in intact_checkpoints(self.run.output_dir, log):
             check_resume_settings(ckpt, saved.get("fingerprint"), self.fingerprint, self.run.resume_changed, log)
             if saved.get("total_steps") != self.total_steps:
