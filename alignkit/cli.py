@@ -88,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from alignkit.models.loading import ModelLoadError
     from alignkit.numerics import NonFiniteError
-    from alignkit.train.outputs import OutputError
+    from alignkit.train.outputs import OutputError, check_output_path
 
     try:
+        if getattr(getattr(cfg, "run", None), "output_dir", None):
+            check_output_path(cfg.run.output_dir)  # before any model or data is loaded
         run(cfg)
     except (ValueError, FileNotFoundError, ModelLoadError, NonFiniteError, OutputError) as e:
         # Bad input (data, config, paths) and diverged runs get their message, not a traceback; bugs still raise.

@@ -64,6 +64,8 @@ def test_output_paths_that_cannot_be_written_are_clear_errors(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         claim_output_dir(tmp_path / "f", resume=False, overwrite=False)
+    with pytest.raises(OutputError, match="cannot be created: .* is a file"):
+        claim_output_dir(tmp_path / "f" / "run", resume=False, overwrite=False)
     if os.geteuid() != 0:  # root writes anywhere
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o500)
@@ -245,6 +247,13 @@ def _sft(tiny_dir, tmp_path, *extra, data_rows=None):
 
 def _steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_an_output_dir_that_is_a_file_is_refused_before_loading(tiny_dir, tmp_path, capsys):
+    (tmp_path / "out").write_text("")
+    assert _sft(tiny_dir, tmp_path) == 1
+    out = capsys.readouterr()
+    assert "is a file, not a folder" in out.err and "Traceback" not in out.err and "device=" not in out.out
 
 
 def test_cli_a_finished_model_is_refused_then_replaced_on_request(tiny_dir, tmp_path, capsys):

@@ -55,6 +55,21 @@ class OutputError(RuntimeError):
     """A run's output folder cannot be used as asked; the message says why and what to do."""
 
 
+def check_output_path(output_dir: str | Path, field: str = "run.output_dir") -> None:
+    """Refuse, before anything is loaded, an output path that is a file, lies under a file, or
+    cannot be created or written by this user."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{field}={out} is a file, not a folder; choose a folder path")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{field}={out} cannot be created: {existing} is a file; choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{field}={out} is not writable by this user ({existing} is read-only); choose another folder")
+
+
 # --------------------------------------------------------------------------------------------
 # One writer at a time
 # --------------------------------------------------------------------------------------------
@@ -80,6 +95,7 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         import fcntl
 
+        check_output_path(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in _HELD:
@@ -163,11 +179,8 @@ def claim_output_dir(output_dir: str | Path, resume: bool, overwrite: bool, log=
     - A path that is a file, or a folder that cannot be written, is refused.
     """
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"run.output_dir={out} is a file, not a folder; choose a folder path")
+    check_output_path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise OutputError(f"run.output_dir={out} is not writable by this user; choose another folder")
     recover_final_save(out, log)
     done = finished_run(out)
     if resume:
