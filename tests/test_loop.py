@@ -161,3 +161,19 @@ def test_mixed_precision_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
     monkeypatch.setattr(AcceleratorState, "mixed_precision", property(lambda self: "no"))
     mp, why = loop.choose_mixed_precision("auto", model(4096))
     assert mp == "no" and "already runs" in why
+
+
+def test_progress_in_a_log_prints_plain_lines_not_a_redrawn_bar(capsys):
+    from alignkit.train.progress import Progress
+
+    p = Progress("sft", total=5, interval=0.0)  # captured stdout is not a terminal
+    for step in range(1, 6):
+        p.update(step, 1.0 / step, 100.0)
+    p.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[-1].startswith("[alignkit] sft 5/5 loss 0.2000 100 tok/s") and "ETA 0:00:00" in lines[-1]
+    assert not any("\r" in line or "\x1b" in line for line in lines)  # no carriage returns or escape codes
+    p = Progress("sft", total=100, interval=3600.0)
+    for step in range(1, 101):
+        p.update(step, 1.0, 100.0)
+    assert [line.split()[2] for line in capsys.readouterr().out.splitlines()] == ["1/100", "100/100"]  # first and last

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
+import sys
+import time
 from pathlib import Path
 
 
 class Progress:
-    """A one-line live progress bar: stage, step, loss, tokens/s, ETA. Silent when disabled."""
+    """Progress of a stage: step, loss, tokens/s, ETA. Silent when disabled.
 
-    def __init__(self, name: str, total: int, start: int = 0, enabled: bool = True):
-        self.enabled = enabled
+    On a terminal, a one-line live bar (rich). In a log (CI, nohup, a pipe: stdout is not a
+    terminal) a bar would re-render hundreds of times into the file, so plain lines are printed
+    instead, at most one every ``interval`` seconds, plus the first and the last step."""
+
+    def __init__(self, name: str, total: int, start: int = 0, enabled: bool = True, interval: float = 30.0,
+                 live: bool | None = None):
+        self.enabled, self.name, self.total, self.start, self.interval = enabled, name, total, start, interval
         if not enabled:
+            return
+        self.live = sys.stdout.isatty() if live is None else live
+        self._t0 = time.monotonic()
+        self._last_print: float | None = None
+        if not self.live:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -32,13 +44,33 @@ class Progress:
         self._task = self._p.add_task(name, total=total, completed=start, loss="-", tps="-")
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-        if self.enabled:
-            loss_s = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
+        if not self.enabled:
+            return
+        loss_s = f"{loss:.4f}" if math.isfinite(loss) else str(loss)
+        if self.live:
             self._p.update(self._task, completed=step, loss=loss_s, tps=f"{tokens_per_s:,.0f}")
+            return
+        now = time.monotonic()
+        due = self._last_print is None or now - self._last_print >= self.interval or step >= self.total
+        if not due:
+            return
+        self._last_print = now
+        elapsed = now - self._t0
+        done = step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        print(f"[alignkit] {self.name} {step}/{self.total} loss {loss_s} {tokens_per_s:,.0f} tok/s "
+              f"elapsed {_clock(elapsed)} ETA {_clock(eta)}", flush=True)
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.live:
             self._p.stop()
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-:--:--"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _keep_rows_up_to(path: Path, step: int) -> None:
