@@ -206,8 +206,16 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def unread_options(cls: type) -> dict[str, str]:
+    """Options of the shared sections that command config ``cls`` never reads (its ``UNREAD``
+    class attribute: dotted key → why): not offered in ``--help`` and refused when given, so a
+    command only has options it reads."""
+    return dict(getattr(cls, "UNREAD", {}) or {})
+
+
 def flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[type, Any, str]]:
-    """All leaf fields of a (nested) config class as ``dotted.key -> (type, default, doc)``."""
+    """All leaf fields of a (nested) config class as ``dotted.key -> (type, default, doc)``,
+    less the options the command does not read (:func:`unread_options`)."""
     out: dict[str, tuple[type, Any, str]] = {}
     hints = _hints(cls)
     docs = field_docs(cls)
@@ -219,6 +227,9 @@ def flat_fields(cls: type, prefix: str = "") -> dict[str, tuple[type, Any, str]]
             out.update(flat_fields(tp, prefix + f.name + "."))
         else:
             out[prefix + f.name] = (tp, value, docs.get(f.name, ""))
+    if not prefix:
+        for key in unread_options(cls):
+            out.pop(key, None)
     return out
 
 
@@ -299,6 +310,10 @@ def _resolve_key(cls: type, key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise ConfigError(f"'{key}' is ambiguous: say one of {', '.join(matches)}")
+    unread = unread_options(cls)
+    for k, why in unread.items():
+        if key in (k, k.rsplit(".", 1)[-1]):
+            raise ConfigError(f"'{key}' is not an option of this command: {why}")
     leaves = list(fields) + sorted({k.rsplit('.', 1)[-1] for k in fields})
     close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

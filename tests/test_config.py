@@ -89,3 +89,18 @@ def test_saved_config_loads_back(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     again = build_config(SFTConfig, tmp_path / "c.yaml")
     assert again == cfg
+
+
+@pytest.mark.parametrize("command, key", [("grpo", "run.padding_free"), ("ppo", "data.eval_fraction"),
+                                          ("rloo", "run.logps_path"), ("rs", "data.eval_path")])
+def test_a_command_only_has_options_it_reads(command, key, capsys):
+    from alignkit.cli import main
+
+    assert main([command, f"{key}=1"]) == 2
+    assert f"'{key}' is not an option of this command" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert f"  {key}=" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    assert "  run.padding_free=" in capsys.readouterr().out  # the offline commands still have it

@@ -38,12 +38,15 @@ from alignkit.train.online import (
     KL_CONTROLLERS, LOSS_REDUCTIONS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs,
     policy_forward, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.online.config import ONLINE_UNREAD
 from alignkit.train.online.evaluate import held_out_reward
 
 
 @dataclass
 class GRPOConfig:
     """`alignkit grpo`: group-relative policy optimisation (critic-free) from a reward."""
+
+    UNREAD = ONLINE_UNREAD  # not a field: options of the shared sections this command never reads
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to start from; with model.lora the reference is its adapter-disabled base."""

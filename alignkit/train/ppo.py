@@ -44,12 +44,15 @@ from alignkit.train.online import (
     KL_CONTROLLERS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs, policy_forward,
     response_slice, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.online.config import ONLINE_UNREAD
 from alignkit.train.online.evaluate import held_out_reward
 
 
 @dataclass
 class PPOConfig:
     """`alignkit ppo`: actor-critic PPO on prompts against a reward (InstructGPT), with KL penalty, PPO-ptx and an optional cost constraint."""
+
+    UNREAD = ONLINE_UNREAD  # not a field: options of the shared sections this command never reads
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to start from (usually the SFT model); with model.lora the reference is its adapter-disabled base."""

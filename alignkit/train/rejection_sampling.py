@@ -36,6 +36,12 @@ from alignkit.train.sft import build_sft_task
 class RSConfig:
     """`alignkit rs`: rejection sampling: sample N responses per prompt, keep the best under the reward, fine-tune on them."""
 
+    UNREAD = {  # not a field: options of the shared sections this command never reads
+        "data.eval_path": "rejection sampling does not evaluate", "data.eval_fraction": "rejection sampling does not evaluate",
+        "data.eval_size": "rejection sampling does not evaluate", "data.eval_split": "rejection sampling does not evaluate",
+        "run.padding_free": "the best samples are fine-tuned padded",
+    }
+
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to start from (usually the SFT model)."""
     data: DataConfig = field(default_factory=DataConfig)

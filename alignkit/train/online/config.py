@@ -76,3 +76,15 @@ class OnlineResult:
     output_dir: Path
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+#: Options of the shared sections that the online commands never read (see
+#: :func:`alignkit.config.unread_options`): refused when given, left out of ``--help``.
+ONLINE_UNREAD = {
+    "data.eval_fraction": "the online methods evaluate on a separate prompt file only (data.eval_path)",
+    "data.eval_size": "the online methods evaluate on a separate prompt file only (data.eval_path)",
+    "data.eval_split": "the online methods evaluate on a separate prompt file only (data.eval_path)",
+    "run.padding_free": "sampled responses are batched padded; packing applies to sft and rm",
+    "run.logps_path": "the online methods read log-probs from the logits of their rollout forward passes",
+}
+
