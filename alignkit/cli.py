@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rs": ("alignkit.train.rejection_sampling", "RSConfig", "run_rs", "rejection sampling: best of N under the reward, then fine-tune on it"),
     "critic": ("alignkit.train.critic", "CriticConfig", "run_critic", "train a critique (generative) reward model: SFT on written critiques ending in a verdict"),
     "tiny-model": ("alignkit.models.factory", "TinyCommandConfig", "run_tiny_model", "build a tiny local Llama + BPE tokenizer from a corpus (no network)"),
-    "iterate": ("alignkit.demo", "IterateConfig", "run_iterate", "iterative RLHF rounds on the alignment world: label, retrain reward models, rejection-sample"),
+    "iterate": ("alignkit.demo.iterate", "IterateConfig", "run_iterate", "iterative RLHF rounds on the alignment world: label, retrain reward models, rejection-sample"),
     "demo": ("alignkit.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded alignment world, measured by its gold judge"),
 }
 

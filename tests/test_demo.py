@@ -7,14 +7,69 @@ picks random best-of-N samples, a broken policy update leaves the gold reward at
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
+import alignkit
 from alignkit.cli import main
 
 REQUIRED_POLICY_KEYS = {"gold_reward", "helpfulness", "safety_violation_rate", "hallucination_rate",
                         "false_refusal_rate", "kl_to_sft", "win_rate_vs_sft", "n_prompts"}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """alignkit module -> the alignkit modules it imports (at the top or inside functions)."""
+    root = Path(alignkit.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = (path, parts[-1] == "__init__")
+    graph = {}
+    for name, (path, is_pkg) in modules.items():
+        package = name if is_pkg else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                # `from pkg import mod` imports the module pkg.mod when there is one
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_the_library_never_imports_the_demo_and_the_demo_has_no_import_circle():
+    graph = _import_graph()
+    library = {m: e for m, e in graph.items() if not m.startswith("alignkit.demo") and m != "alignkit.cli"}
+    offenders = {m: sorted(e) for m, e in library.items() if any(t.startswith("alignkit.demo") for t in e)}
+    assert not offenders, f"library modules import the demo: {offenders}"
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for t in graph.get(node, ()):
+                if t == start:
+                    return path + [t]
+                if t not in seen and t.startswith("alignkit.demo."):
+                    seen.add(t)
+                    stack.append((t, path + [t]))
+        return None
+
+    cycles = [c for m in graph if m.startswith("alignkit.demo.") for c in [cycle_from(m)] if c]
+    assert not cycles, f"import circles in the demo package: {cycles[0]}"
+    assert {"alignkit.demo.run", "alignkit.demo.critic", "alignkit.demo.iterate"} <= set(graph)
 
 
 @pytest.fixture(scope="module")

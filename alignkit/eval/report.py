@@ -1,4 +1,4 @@
-"""The demo's report: ``report.json`` (for tools), ``report.md`` (for people) and PNG plots.
+"""A report of policies scored against a gold judge: ``report.json`` (for tools), ``report.md`` (for people) and PNG plots.
 
 Plots: gold reward against KL to the SFT policy (the DPO paper's frontier plot), and the training
 curves of every stage (loss per optimizer step, from each stage's ``metrics.jsonl``).
@@ -19,8 +19,10 @@ def _fmt(x, pct: bool = False) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def markdown(report: dict) -> str:
-    lines = [f"# alignkit demo report (seed {report['seed']}{', quick' if report['quick'] else ''})", ""]
+def markdown(report: dict, findings: list[str], title: str = "alignkit report") -> str:
+    """``report.md``: the policy table, the reward-model table, the critic section if any, the
+    ``findings`` (sentences the caller states from the numbers) and the time per stage."""
+    lines = [f"# {title}", ""]
     lines += ["Every policy starts from the same SFT policy and is scored on held-out prompts by the world's",
               "gold judge, which no training stage reads. KL is KL(π‖π_SFT) per sequence.", ""]
     lines += ["## Policies", "",
@@ -42,7 +44,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {_fmt(r['accuracy'], True)} | {r['n_pairs']} | {by} |")
     lines += _critic_section(report.get("critic"))
     lines += ["", "## Findings", ""]
-    lines += [f"- {f}" for f in findings(report)]
+    lines += [f"- {f}" for f in findings]
     lines += ["", "## Time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in report["timings_s"].items()]
     lines += ["", "Plots: `frontier.png` (gold reward against KL to SFT), `training_curves.png`.", ""]
@@ -67,50 +69,6 @@ def _critic_section(critic: dict | None) -> list[str]:
         lines += ["", f"> **Prompt:** {ex['prompt']}  ", f"> **A:** {ex['response_a']}  ", f"> **B:** {ex['response_b']}  ",
                   f"> **Critique:** {ex['critique']} (P(A) = {ex['p_a']}, label {ex['label']})"]
     return lines
-
-
-def findings(report: dict) -> list[str]:
-    """The claims the demo measures, each stated with its numbers."""
-    pol, out = report["policies"], []
-    sft = pol.get("sft")
-    if not sft:
-        return out
-    best = max((n for n in pol if n != "sft"), key=lambda n: pol[n]["gold_reward"], default=None)
-    if best:
-        b = pol[best]
-        verdict = "beats" if b["gold_reward"] > sft["gold_reward"] else "does not beat"
-        out.append(f"Preference learning {verdict} SFT: {best} reaches gold reward {b['gold_reward']:.3f} vs "
-                   f"{sft['gold_reward']:.3f} at KL {b['kl_to_sft']:.2f} nats to SFT.")
-    h, c = pol.get("best_of_n/helpfulness"), pol.get("best_of_n/combined")
-    if h and c:
-        out.append(f"Safety reward model: safety violations {_fmt(h['safety_violation_rate'], True)} with helpfulness alone, "
-                   f"{_fmt(c['safety_violation_rate'], True)} with the safety-gated combination (SFT "
-                   f"{_fmt(sft['safety_violation_rate'], True)}); false refusals {_fmt(h['false_refusal_rate'], True)} → "
-                   f"{_fmt(c['false_refusal_rate'], True)}.")
-    conf = pol.get("best_of_n/confident_labelers")
-    if h and conf:
-        out.append(f"Hallucination: SFT {_fmt(sft['hallucination_rate'], True)}; a reward from labelers who cannot spot made-up "
-                   f"facts gives {_fmt(conf['hallucination_rate'], True)}; from labelers who punish them, "
-                   f"{_fmt(h['hallucination_rate'], True)}.")
-    ppo_, ptx = pol.get("ppo"), pol.get("ppo_ptx")
-    if ppo_ and ptx and ppo_.get("pretrain_loss") is not None:
-        out.append(f"Alignment tax: held-out pretraining loss SFT {sft['pretrain_loss']:.3f}, PPO {ppo_['pretrain_loss']:.3f}, "
-                   f"PPO-ptx {ptx['pretrain_loss']:.3f} (gold reward {ppo_['gold_reward']:.3f} vs {ptx['gold_reward']:.3f}).")
-    free, cons = pol.get("ppo_helpfulness_only"), pol.get("ppo_cost_constrained")
-    if free and cons:
-        out.append(f"Safe-RLHF cost constraint (helpfulness reward, cost = −safety reward ≤ {cons.get('cost_threshold', 0):g}): "
-                   f"safety violations {_fmt(free['safety_violation_rate'], True)} unconstrained, "
-                   f"{_fmt(cons['safety_violation_rate'], True)} constrained (mean cost {_fmt(cons.get('initial_cost'))} at the "
-                   f"first rollout, {_fmt(cons.get('final_cost'))} over the last three); gold reward {free['gold_reward']:.3f} vs "
-                   f"{cons['gold_reward']:.3f}.")
-    rounds = sorted((n for n in pol if n.startswith("iterative/round")), key=lambda n: int(n.rsplit("round", 1)[1]))
-    if rounds:
-        out.append("Iterative rounds: " + ", ".join(f"{n.split('/')[1]} gold reward {pol[n]['gold_reward']:.3f} (KL {pol[n]['kl_to_sft']:.2f})"
-                                                   for n in rounds) + f"; SFT {sft['gold_reward']:.3f}.")
-    rms = report.get("reward_models", {})
-    if rms:
-        out.append("Reward-model held-out accuracy: " + ", ".join(f"{k} {_fmt(v['accuracy'], True)}" for k, v in rms.items()) + ".")
-    return out
 
 
 def _plot_frontier(report: dict, path: Path) -> None:
@@ -168,10 +126,11 @@ def _plot_curves(curves: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(report: dict, out: Path, curves: dict[str, Path]) -> None:
+def write_report(report: dict, out: Path, curves: dict[str, Path], findings: list[str], title: str = "alignkit report") -> None:
+    """Write ``report.json``, ``report.md`` (with ``findings``), ``frontier.png`` and ``training_curves.png``."""
     out = Path(out)
     slim = json.loads(json.dumps(report, default=str))
     (out / "report.json").write_text(json.dumps(slim, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    (out / "report.md").write_text(markdown(report, findings, title), encoding="utf-8")
     _plot_frontier(report, out / "frontier.png")
     _plot_curves(curves, out / "training_curves.png")

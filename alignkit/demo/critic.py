@@ -2,7 +2,7 @@
 from the SFT policy, its held-out verdict accuracy, position bias and failure-naming rate, and
 best-of-N under the critique reward.
 
-Called from :mod:`alignkit.demo` as its last method, ``critic_stage(ctx)`` (last, so that its
+Called from :mod:`alignkit.demo.run` as its last method, ``critic_stage(ctx)`` (last, so that its
 training does not shift the random streams of the other methods); it reads the comparison files
 the ``comparisons`` stage wrote.
 
@@ -50,6 +50,9 @@ import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from .context import read_jsonl, write_jsonl
+from .labels import LABELER_TEMPERATURE
 
 #: Gold categories that are failures the critique should name, and the name the judge writes.
 FAILURE_KINDS = {
@@ -182,20 +185,10 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def critique_data(pairs_path: Path, labeler, max_pairs: int, max_points: int, seed: int):
     """``(critique_pair dicts, critique_point dicts, counts)`` from a pairwise file's pairs: at most
     ``max_pairs`` critiqued pairs and ``max_points`` pointwise critiques of its distinct responses."""
-    rows = _read_jsonl(pairs_path)
+    rows = read_jsonl(pairs_path)
     pairs, counts = labeler.critique_records([(r["prompt"], r["chosen"], r["rejected"]) for r in rows])
     rng = random.Random(seed)
     rng.shuffle(pairs)
@@ -232,7 +225,6 @@ def critic_stage(ctx) -> None:
     """Train the critique model and evaluate it; add ``best_of_n/critic`` to the policies and
     ``critic`` to the reward-model report (``ctx.extra["critic"]`` holds every metric)."""
     from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-    from alignkit.demo import LABELER_TEMPERATURE
     from alignkit.rollout.critique import CritiqueReward
     from alignkit.train.critic import CriticConfig, run_critic
 
@@ -249,7 +241,7 @@ def critic_stage(ctx) -> None:
     random.Random(seed).shuffle(train_points)
     eval_pairs, _, eval_counts = critique_data(ctx.data[f"{source}/heldout"], labeler, MAX_EVAL_PAIRS, 0, seed)
     clean_pairs, _ = candidate_critiques(w, labeler, CANDIDATE_EVAL_PAIRS, 0, seed, split="heldout")
-    paths = {name: _write_jsonl(out / "data" / f"{name}.jsonl", rows) for name, rows in
+    paths = {name: write_jsonl(out / "data" / f"{name}.jsonl", rows) for name, rows in
              (("critique_pair-train", train_pairs), ("critique_point-train", train_points),
               ("critique_pair-heldout", eval_pairs), ("critique_pair-heldout-clean", clean_pairs))}
     ctx.data.update({f"critique/{k}": v for k, v in paths.items()})

@@ -1,0 +1,51 @@
+"""The demo's settings: the command's options (:class:`DemoConfig`) and the sizes of a run
+(:class:`Scale`; the full and the quick run differ only there)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DemoConfig:
+    """`alignkit demo`: the whole pipeline on the embedded alignment world, measured by its gold judge."""
+
+    out: str = "demo-out"
+    """Directory for models, data, report.json, report.md and the plots."""
+    seed: int = 0
+    """Seed of the world, the models and the sampling."""
+    quick: bool = False
+    """A smaller, faster run (fewer steps and samples): about 3 minutes on 2 CPU cores."""
+    methods: str = "default"
+    """Comma-separated alignment methods to run after SFT (see `alignkit.demo.METHODS`), 'all', or 'default'
+    (all of them; with --quick the core ones: best-of-N, DPO, rejection sampling, PPO, PPO-ptx, GRPO, RLOO)."""
+    threads: int = 1
+    """torch CPU threads (0 = torch's default). Tiny models run fastest on one: on this project's 2-core
+    machines one thread trained 16.7k tokens/s, two threads far less whenever anything else ran."""
+
+
+@dataclass
+class Scale:
+    """Sizes of one demo run (the full and the quick one differ only here)."""
+
+    pretrain_epochs: float
+    sft_epochs: float
+    samples_per_prompt: int  # SFT samples per train prompt for the comparison data
+    rm_epochs: float
+    best_of_n: int
+    eval_samples: int  # samples per held-out prompt when evaluating a policy
+    dpo_epochs: float = 2
+    rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)
+    rounds: int = 2  # iterative RLHF rounds
+    rl_rollouts: int = 10  # rollouts (PPO, GRPO, RLOO)
+    constrained_rollouts: int = 10  # rollouts of the Safe-RLHF pair (the Lagrange multiplier needs time to settle)
+    max_new_tokens: int = 24
+    hidden_size: int = 96
+    num_hidden_layers: int = 3
+    vocab_size: int = 768
+
+
+FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4,
+             rl_rollouts=12, constrained_rollouts=24)
+QUICK = Scale(pretrain_epochs=5, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=3,
+              dpo_epochs=1, rl_rollouts=10, rs_prompts=256)

@@ -1,0 +1,81 @@
+"""What the demo's stages share: the :class:`Context`, the stage runner, and small I/O and
+sampling helpers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.config import ModelConfig, RunConfig
+
+from .config import DemoConfig, Scale
+
+
+class Stages:
+    """Prints which stage runs (with its number) and records each stage's wall time."""
+
+    def __init__(self, total: int):
+        self.total, self.n, self.timings = total, 0, {}
+        self.t_start = time.perf_counter()
+
+    def run(self, name: str, fn: Callable, *args, **kwargs):
+        self.n += 1
+        elapsed = time.perf_counter() - self.t_start
+        print(f"\n[demo] stage {self.n}/{self.total}: {name}  (elapsed {elapsed:.0f}s)", flush=True)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        return out
+
+
+@dataclass
+class Context:
+    """What the stages share."""
+
+    cfg: DemoConfig
+    scale: Scale
+    world: object
+    out: Path
+    tokenizer: object = None
+    base_dir: Path | None = None
+    sft_dir: Path | None = None
+    reward_models: dict[str, Path] = field(default_factory=dict)
+    data: dict[str, Path] = field(default_factory=dict)
+    policies: dict[str, dict] = field(default_factory=dict)  # name -> {"prompts", "texts", "kl"...}
+    rm_report: dict = field(default_factory=dict)
+    curves: dict[str, Path] = field(default_factory=dict)  # stage -> metrics.jsonl
+    extra: dict = field(default_factory=dict)
+
+
+def messages(text: str) -> list[dict]:
+    """A one-turn chat: the user's ``text``."""
+    return [{"role": "user", "content": text}]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_config(out: Path, name: str, seed: int) -> RunConfig:
+    """The run section of a stage that trains into ``out/name``."""
+    return RunConfig(output_dir=str(out / name), seed=seed, report_to="jsonl", progress=True)
+
+
+def sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_tokens: int, temperature: float = 1.0):
+    """``n`` samples per prompt (consecutive) from the policy in ``model_dir``: (model, generations)."""
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.rollout.generate import HFGenerator, SamplingConfig
+
+    model = load_causal_lm(ModelConfig(path=str(model_dir)), trainable=False)
+    gen = HFGenerator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature))
+    return model, gen.generate([messages(p.text) for p in prompts], n=n, seed=seed)

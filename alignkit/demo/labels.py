@@ -1,0 +1,95 @@
+"""Comparison data from the simulated labelers: which prompts are labelled, how the compared
+samples are drawn, and which annotation covers which prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .context import Context, sample, write_jsonl
+
+#: Which prompt kinds each annotation covers. As in Llama 2, safety annotations are collected on
+#: adversarial prompts (harmful requests and benign ones that look harmful), helpfulness ones on all.
+ANNOTATIONS = {
+    "helpfulness": ("helpfulness", "honest", None),
+    "safety": ("safety", "honest", ("harmful", "borderline")),
+    "helpfulness_confident": ("helpfulness", "confident", None),
+    "overall": ("overall", "honest", None),
+}
+#: At most this many prompts per kind are sampled for labelling, so the 300 arithmetic prompts
+#: do not make up half of every comparison set.
+PROMPTS_PER_KIND = 100
+#: Temperature of the second half of the samples that are compared.
+COMPARISON_HOT_TEMPERATURE = 1.5
+#: Noise of the simulated labelers' Bradley–Terry choices (0 = the gold order).
+LABELER_TEMPERATURE = 0.2
+
+
+def diverse_samples(ctx: Context, policy_dir: Path, prompts, seed: int) -> list[str]:
+    """Samples to compare, ``samples_per_prompt`` per prompt (consecutive): half at temperature 1
+    and half at a higher temperature, as Llama 2 varied models and temperatures to make the two
+    responses of a comparison differ."""
+    s = ctx.scale
+    half = s.samples_per_prompt // 2
+    _, a = sample(policy_dir, ctx.tokenizer, prompts, half, seed, s.max_new_tokens, temperature=1.0)
+    _, b = sample(policy_dir, ctx.tokenizer, prompts, s.samples_per_prompt - half, seed + 1, s.max_new_tokens,
+                  temperature=COMPARISON_HOT_TEMPERATURE)
+    texts = []
+    for i in range(len(prompts)):
+        texts += a.texts[i * half : (i + 1) * half] + b.texts[i * (s.samples_per_prompt - half) : (i + 1) * (s.samples_per_prompt - half)]
+    return texts
+
+
+def pairs_of(prompts, texts: list[str], n: int):
+    """(prompt, a, b) for every pair of the n samples of each prompt."""
+    for i, p in enumerate(prompts):
+        group = texts[i * n : (i + 1) * n]
+        for a in range(n):
+            for b in range(a + 1, n):
+                yield p, group[a], group[b]
+
+
+def label_prompts(world, split: str, seed: int) -> list:
+    """A balanced, seeded choice of ``split`` prompts to sample and label (at most
+    :data:`PROMPTS_PER_KIND` per kind on train, a quarter of that held out)."""
+    from alignkit.world import KINDS
+
+    rng = random.Random(seed)
+    chosen = []
+    for kind in KINDS:
+        ps = world.prompts(kind, split)
+        chosen += rng.sample(ps, min(len(ps), PROMPTS_PER_KIND if split == "train" else PROMPTS_PER_KIND // 4))
+    return chosen
+
+
+def collect_comparisons(ctx: Context, policy_dir: Path, split: str, seed: int, names=tuple(ANNOTATIONS)) -> tuple[dict, list, list]:
+    """Sample ``policy_dir`` on a balanced set of ``split`` prompts and label every pair of samples
+    with each annotation in ``names``. Returns ({name: records}, prompts, samples)."""
+    s, w = ctx.scale, ctx.world
+    prompts = label_prompts(w, split, seed)
+    texts = diverse_samples(ctx, policy_dir, prompts, seed)
+    records, stats = {}, {}
+    for name in names:
+        kind, variant, kinds = ANNOTATIONS[name]
+        labeler = w.labeler(kind, variant, temperature=LABELER_TEMPERATURE, seed=seed + 17 * len(name))
+        pairs = [t for t in pairs_of(prompts, texts, s.samples_per_prompt) if kinds is None or t[0].kind in kinds]
+        records[name], stats[name] = labeler.label_pairs(pairs)
+    ctx.extra.setdefault("labels", {}).update({f"{k}/{split}/{seed}": v for k, v in stats.items()})
+    return records, prompts, texts
+
+
+def comparisons(ctx: Context) -> None:
+    """Sample the SFT policy on train and held-out prompts; label with every labeler."""
+    for split in ("train", "heldout"):
+        seed = ctx.cfg.seed + 10 * (split == "heldout")
+        records, prompts, texts = collect_comparisons(ctx, ctx.sft_dir, split, seed)
+        for name, rows in records.items():
+            ctx.data[f"{name}/{split}"] = write_jsonl(ctx.out / "data" / f"{name}-{split}.jsonl", rows)
+        if split == "train":
+            # Unpaired desirable/undesirable labels (KTO) from the combined (overall) labeler.
+            lab = ctx.world.labeler("overall", "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
+            n = ctx.scale.samples_per_prompt
+            rows = lab.label_unpaired([(prompts[k // n], t) for k, t in enumerate(texts)], threshold=0.5)
+            ctx.data["unpaired/train"] = write_jsonl(ctx.out / "data" / "unpaired-train.jsonl", rows)
+    print("[demo] comparisons:", json.dumps({k: v["labelled"] for k, v in ctx.extra["labels"].items()}))

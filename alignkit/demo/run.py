@@ -1,0 +1,90 @@
+"""`alignkit demo`: the stages in order, the methods table, and the report."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .methods import (best_of_n, dpo, grpo, ipo, kto, ppo, ppo_ptx, ppo_safety_constrained, rejection_sampling,
+                      rloo)
+from .config import FULL, QUICK, DemoConfig
+from .context import Context, Stages
+from .critic import critic_stage
+from .evaluate import evaluate
+from .findings import findings
+from .iterate import iterative
+from .labels import comparisons
+from .pipeline import build_base, reward_models, sft, sft_policy
+
+
+#: method name -> stage function, run in this order, each from the same SFT policy.
+METHODS: dict[str, Callable[[Context], None]] = {
+    "best_of_n": best_of_n,
+    "dpo": dpo,
+    "ipo": ipo,
+    "kto": kto,
+    "rejection_sampling": rejection_sampling,
+    "iterative": iterative,
+    "ppo": ppo,
+    "ppo_ptx": ppo_ptx,
+    "ppo_safety_constrained": ppo_safety_constrained,
+    "grpo": grpo,
+    "rloo": rloo,
+    # Last, so that its training does not shift the random streams of the stages above.
+    "critic": critic_stage,
+}
+
+#: What `--quick` runs by default, to stay within about 3 minutes on 2 CPU cores; IPO, KTO, the
+#: iterative rounds and the cost-constrained PPO run in the full demo (or with methods=all).
+QUICK_METHODS = ("best_of_n", "dpo", "rejection_sampling", "ppo", "ppo_ptx", "grpo", "rloo")
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from alignkit.eval.report import write_report
+    from alignkit.train.common import seed_everything
+    from alignkit.world import World
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    scale = QUICK if cfg.quick else FULL
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.methods == "all" or (cfg.methods == "default" and not cfg.quick):
+        wanted = list(METHODS)
+    elif cfg.methods == "default":
+        wanted = list(QUICK_METHODS)
+    else:
+        wanted = [name.strip() for name in cfg.methods.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in METHODS]
+    if unknown:
+        raise ValueError(f"demo: unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    ctx = Context(cfg=cfg, scale=scale, world=World(seed=cfg.seed), out=out)
+    stages = Stages(total=6 + len(wanted))
+    t0 = time.perf_counter()
+    stages.run("world, tokenizer and pretraining", build_base, ctx)
+    stages.run("supervised fine-tuning", sft, ctx)
+    stages.run("comparison data from simulated labelers", comparisons, ctx)
+    stages.run("reward models (helpfulness, safety, confident-labeler helpfulness)", reward_models, ctx)
+    stages.run("sample the SFT policy", sft_policy, ctx)
+    for name in wanted:
+        stages.run(name, METHODS[name], ctx)
+    policies = stages.run("gold-judge evaluation and report", evaluate, ctx)
+    report = {
+        "seed": cfg.seed,
+        "quick": cfg.quick,
+        "reward_models": ctx.rm_report,
+        "policies": policies,
+        "timings_s": {**stages.timings, "total": round(time.perf_counter() - t0, 2)},
+        "world": ctx.world.summary(),
+        "labels": ctx.extra.get("labels", {}),
+        "model_parameters": ctx.extra.get("model_parameters"),
+        "critic": ctx.extra.get("critic"),
+    }
+    title = f"alignkit demo report (seed {cfg.seed}{', quick' if cfg.quick else ''})"
+    write_report(report, out, ctx.curves, findings(report), title)
+    print(f"\n[demo] done in {report['timings_s']['total']:.0f}s: {out / 'report.md'}")
+    return report
