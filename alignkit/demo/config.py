@@ -16,6 +16,9 @@ class DemoConfig:
     """Seed of the world, the models and the sampling."""
     quick: bool = False
     """A smaller, faster run (fewer steps and samples): about 3 minutes on 2 CPU cores."""
+    tiny: bool = False
+    """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
+    prompt): its figures mean nothing. Overrides --quick."""
     methods: str = "default"
     """Comma-separated alignment methods to run after SFT (see `alignkit.demo.METHODS`), 'all', or 'default'
     (all of them; with --quick the core ones: best-of-N, DPO, rejection sampling, PPO, PPO-ptx, GRPO, RLOO)."""
@@ -34,6 +37,7 @@ class Scale:
     rm_epochs: float
     best_of_n: int
     eval_samples: int  # samples per held-out prompt when evaluating a policy
+    bon_draws: int = 1  # best-of-N draws per held-out prompt (each costs N samples and N scores per reward)
     dpo_epochs: float = 2
     rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)
     rounds: int = 2  # iterative RLHF rounds
@@ -46,6 +50,15 @@ class Scale:
 
 
 FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4,
-             rl_rollouts=12, constrained_rollouts=24)
+             bon_draws=2, rl_rollouts=12, constrained_rollouts=24)
 QUICK = Scale(pretrain_epochs=5, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=3,
-              dpo_epochs=1, rl_rollouts=10, rs_prompts=256)
+              bon_draws=1, dpo_epochs=1, rl_rollouts=10, rs_prompts=256)
+#: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.
+TINY = Scale(pretrain_epochs=0.2, sft_epochs=0.3, samples_per_prompt=2, rm_epochs=0.3, best_of_n=2, eval_samples=1,
+             bon_draws=1, dpo_epochs=0.2, rs_prompts=32, rounds=2, rl_rollouts=2, constrained_rollouts=2,
+             max_new_tokens=8, hidden_size=32, num_hidden_layers=1, vocab_size=384)
+
+
+def scale_of(cfg: DemoConfig) -> Scale:
+    """The run sizes a config asks for."""
+    return TINY if cfg.tiny else QUICK if cfg.quick else FULL

@@ -51,7 +51,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .context import read_jsonl, write_jsonl
+from .context import read_jsonl, sample, write_jsonl
 from .labels import LABELER_TEMPERATURE
 
 #: Gold categories that are failures the critique should name, and the name the judge writes.
@@ -153,11 +153,15 @@ def evaluate_pairs(reward, world, records: list[dict]) -> dict:
     label = [r["verdict"] for r in records]
     out = {"accuracy": _mean(v == y for v, y in zip(averaged, label)),
            "accuracy_one_order": _mean(f == y for f, y in zip(first, label)),
-           "n_pairs": len(records)}
-    gold = [(v, "A" if world.reward(r["prompt"], r["response_a"]) > world.reward(r["prompt"], r["response_b"]) else "B")
+           "n_pairs": len(records), "n_prompts": len({r["prompt"] for r in records})}
+    gold = [(r["prompt"], v, "A" if world.reward(r["prompt"], r["response_a"]) > world.reward(r["prompt"], r["response_b"]) else "B")
             for v, r in zip(averaged, records)
             if world.reward(r["prompt"], r["response_a"]) != world.reward(r["prompt"], r["response_b"])]
-    out["accuracy_vs_gold"] = _mean(v == g for v, g in gold)
+    out["accuracy_vs_gold"] = _mean(v == g for _, v, g in gold)
+    prompts_of = [r["prompt"] for r in records]
+    out["ci"] = {"accuracy": _ci(prompts_of, [v == y for v, y in zip(averaged, label)]),
+                 "accuracy_one_order": _ci(prompts_of, [f == y for f, y in zip(first, label)]),
+                 "accuracy_vs_gold": _ci([p for p, _, _ in gold], [v == g for _, v, g in gold])}
     by, count = {}, {}
     for v, y, r in zip(averaged, label, records):
         key = r.get("margin", "?")
@@ -178,6 +182,17 @@ def evaluate_pairs(reward, world, records: list[dict]) -> dict:
                         "critique": x["critique"], "p_a": round(x["p_first"], 3), "label": r["verdict"]}
                        for r, x in list(zip(records, results))[:3]]
     return out
+
+
+def _ci(prompts: list[str], hits: list[bool]) -> list[float] | None:
+    """Bootstrap 95% interval over prompts of a rate (None without data)."""
+    from alignkit.eval.uncertainty import bootstrap_mean
+
+    groups: dict[str, list[float]] = {}
+    for p, h in zip(prompts, hits):
+        groups.setdefault(p, []).append(float(h))
+    stat = bootstrap_mean(list(groups.values()))
+    return [stat["low"], stat["high"]] if stat else None
 
 
 def _mean(xs) -> float | None:
@@ -266,8 +281,9 @@ def critic_stage(ctx) -> None:
     ctx.extra["critic"] = metrics
     # Beside the scalar reward models, in their shape (accuracy, by margin label, pairs), plus its own.
     ctx.rm_report["critic"] = {k: metrics[k] for k in (
-        "accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "accuracy_one_order", "accuracy_vs_gold",
-        "position_bias", "order_consistency", "naming_rate")}
+        "accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "n_prompts", "accuracy_one_order",
+        "accuracy_vs_gold", "position_bias", "order_consistency", "naming_rate")}
+    ctx.rm_report["critic"]["ci"] = metrics["ci"]["accuracy"]
     print("[demo] critic held-out: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in (
         "accuracy", "accuracy_one_order", "accuracy_vs_gold", "position_bias", "order_consistency", "naming_rate")
         if metrics[k] is not None) + "; on held-out reference-response pairs: " + ", ".join(
@@ -278,20 +294,15 @@ def critic_stage(ctx) -> None:
 
 def _best_of_n_critic(ctx, reward) -> None:
     """Best-of-N on the held-out prompts with the pointwise critique reward (expected score)."""
-    from alignkit.config import ModelConfig
     from alignkit.eval.metrics import best_of_n_kl
-    from alignkit.models.loading import load_causal_lm
-    from alignkit.rollout.generate import HFGenerator, SamplingConfig
 
     s = ctx.scale
     prompts = ctx.world.prompts(split="heldout")
-    n, draws = s.best_of_n, s.eval_samples
-    policy = load_causal_lm(ModelConfig(path=str(ctx.sft_dir)), trainable=False)
-    gen = HFGenerator(policy, ctx.tokenizer, SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=1.0))
+    n, draws = s.best_of_n, s.bon_draws
     msgs = [[{"role": "user", "content": p.text}] for p in prompts]
     # The best_of_n stage's samples (same call, same seed): draws × N per prompt, consecutive.
     # Only the first CRITIC_DRAWS blocks of N are critiqued, to bound the cost of generation.
-    gens = gen.generate(msgs, n=n * draws, seed=ctx.cfg.seed + 101)
+    _, gens = sample(ctx.sft_dir, ctx.tokenizer, prompts, n * draws, ctx.cfg.seed + 101, s.max_new_tokens)
     keep = min(CRITIC_DRAWS, draws)
     rows = [i * n * draws + k for i in range(len(prompts)) for k in range(n * keep)]  # (P·keep·N,)
     scores = reward([msgs[gens.prompt_index[r]] for r in rows], [gens.texts[r] for r in rows])

@@ -97,7 +97,7 @@ def run_iterate(cfg: IterateConfig) -> dict:
     stages.run("reward models (helpfulness, safety)", reward_models, ctx, ("helpfulness", "safety"))
     stages.run("sample the starting policy", sft_policy, ctx)
     stages.run("iterative rounds", iterative, ctx)
-    policies = stages.run("gold-judge evaluation", evaluate, ctx)
+    policies = stages.run("gold-judge evaluation", evaluate, ctx)["policies"]
     report = {"seed": cfg.seed, "rounds": cfg.rounds, "reward_models": ctx.rm_report, "policies": policies,
               "timings_s": stages.timings}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")

@@ -8,9 +8,34 @@ import json
 from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.rollout.rewards import RewardSource
 
 from .context import Context, messages, run_config, sample
 from .pipeline import combined_reward, policy_from_dir, prompt_messages
+
+
+class GoldTracked(RewardSource):
+    """A reward that passes ``source``'s scores through unchanged and records, per call (one call
+    per rollout), the mean gold reward and the mean training reward of the responses it scored.
+    The RL curves then show what the stage raised: the reward it was trained on, and the gold
+    reward that reward stands for. The gold judge only reads the responses; training never sees it."""
+
+    def __init__(self, source, world):
+        self.source, self.world, self.rows = source, world, []
+        self.name = getattr(source, "name", "reward")
+
+    def __call__(self, prompts, responses):
+        scores = self.source(prompts, responses)
+        gold = [self.world.reward(p, r) for p, r in zip(prompts, responses)]
+        self.rows.append({"step": len(self.rows) + 1, "gold_reward": sum(gold) / max(len(gold), 1),
+                          "reward": float(scores.float().mean()) if len(scores) else None})
+        return scores
+
+    def write(self, path: Path) -> Path:
+        """The recorded rows as JSONL (``step`` is the rollout); returns the path."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+        return path
 
 
 def best_of_n(ctx: Context) -> None:
@@ -21,7 +46,7 @@ def best_of_n(ctx: Context) -> None:
 
     s, w = ctx.scale, ctx.world
     prompts = w.prompts(split="heldout")
-    n, draws = s.best_of_n, s.eval_samples
+    n, draws = s.best_of_n, s.bon_draws
     # draws × n samples per prompt: each consecutive block of n is one best-of-n draw.
     _, gens = sample(ctx.sft_dir, ctx.tokenizer, prompts, n * draws, ctx.cfg.seed + 101, s.max_new_tokens)
     msgs = [messages(prompts[i].text) for i in gens.prompt_index]
@@ -114,8 +139,9 @@ def _ppo(ctx: Context, name: str, ptx: bool = False, reward=None, cost=None, cos
                     kl=KLConfig(kl_coef=RL_KL_COEF, kl_estimator="k1"), value_model="shared", vf_coef=0.1,
                     ptx_coef=0.5 if ptx else 0.0, cost_threshold=cost_threshold, lagrange_lr=0.5)
     ptx_texts = ctx.world.pretraining_corpus()[:512] if ptx else None
-    result = run_ppo(cfg, prompts=prompt_messages(ctx), reward=reward or combined_reward(ctx), cost=cost, ptx_texts=ptx_texts)
-    ctx.curves[name] = Path(cfg.run.output_dir) / "metrics.jsonl"
+    tracked = GoldTracked(reward or combined_reward(ctx), ctx.world)
+    result = run_ppo(cfg, prompts=prompt_messages(ctx), reward=tracked, cost=cost, ptx_texts=ptx_texts)
+    ctx.curves[name] = tracked.write(Path(cfg.run.output_dir) / "gold_curve.jsonl")
     policy_from_dir(ctx, name, Path(result.output_dir))
     if cost is not None:
         rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -158,8 +184,9 @@ def _critic_free(ctx: Context, name: str, advantage: str) -> None:
                      optim=OptimConfig(lr=RL_LR, batch_size=16, schedule="constant", warmup_ratio=0.0),
                      rollout=RolloutConfig(prompts_per_rollout=16, samples_per_prompt=4, num_rollouts=s.rl_rollouts, ppo_epochs=1),
                      advantage=advantage)
-    result = run_grpo(cfg, prompts=prompt_messages(ctx), reward=combined_reward(ctx))
-    ctx.curves[name] = Path(cfg.run.output_dir) / "metrics.jsonl"
+    tracked = GoldTracked(combined_reward(ctx), ctx.world)
+    result = run_grpo(cfg, prompts=prompt_messages(ctx), reward=tracked)
+    ctx.curves[name] = tracked.write(Path(cfg.run.output_dir) / "gold_curve.jsonl")
     policy_from_dir(ctx, name, Path(result.output_dir))
 
 def grpo(ctx: Context) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 
-from .context import Context, messages, run_config, sample, write_jsonl
+from .context import Context, messages, read_jsonl, run_config, sample, write_jsonl
 from .labels import ANNOTATIONS
 
 # --------------------------------------------------------------------------------------------
@@ -66,20 +66,56 @@ def sft(ctx: Context) -> None:
 
 def train_reward_model(ctx: Context, train: Path, heldout: Path, out: Path, epochs: float, start: Path | None = None) -> dict:
     """Train a reward model from the SFT policy (or continue ``start``, an earlier reward model);
-    return its held-out accuracy report."""
-    from alignkit.train.evaluate_rm import EvalRMConfig, run_eval_rm
+    return its held-out accuracy report (:func:`reward_model_accuracy`)."""
     from alignkit.train.rm import RMConfig, run_rm
 
     cfg = RMConfig(
         model=ModelConfig(path=str(start or ctx.sft_dir)),
-        data=DataConfig(path=str(train), eval_path=str(heldout), max_length=96, max_prompt_length=48),
+        data=DataConfig(path=str(train), max_length=96, max_prompt_length=48),
         optim=OptimConfig(lr=1e-3, batch_size=32, epochs=epochs, warmup_ratio=0.05),
         run=RunConfig(output_dir=str(out), seed=ctx.cfg.seed, report_to="jsonl"),
     )
     run_rm(cfg)
-    metrics = run_eval_rm(EvalRMConfig(model=ModelConfig(path=str(out)),
-                                       data=DataConfig(path=str(heldout), shuffle=False, max_length=96, max_prompt_length=48)))
-    return {k: metrics[k] for k in ("accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "margin_mean")}
+    return reward_model_accuracy(out, heldout)
+
+
+def reward_model_accuracy(rm_dir: Path, heldout: Path) -> dict:
+    """Held-out pairwise accuracy of a reward model (r(chosen) > r(rejected); a tie counts half),
+    with its bootstrap 95% interval over prompts, overall and per margin label.
+
+    Returns ``accuracy``, ``ci``, ``n_pairs``, ``n_prompts``, ``accuracy_by_margin``,
+    ``ci_by_margin``, ``count_by_margin`` (pairs per label) and ``margin_mean`` (mean reward gap).
+    Pairs with an empty response are left out, as every data reader skips them."""
+    from alignkit.eval.uncertainty import bootstrap_mean
+    from alignkit.rollout.rewards import RewardModel
+
+    rows = [r for r in read_jsonl(heldout) if r["chosen"].strip() and r["rejected"].strip()]
+    rm = RewardModel(str(rm_dir), name=Path(rm_dir).name, batch_size=64)
+    msgs = [messages(r["prompt"]) for r in rows]
+    chosen, rejected = rm(msgs, [r["chosen"] for r in rows]), rm(msgs, [r["rejected"] for r in rows])
+    correct = ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).tolist()
+    overall = bootstrap_mean(list(_by_prompt(rows, correct).values()))
+    out = {"accuracy": overall["mean"], "ci": [overall["low"], overall["high"]], "n_pairs": len(rows),
+           "n_prompts": overall["n"], "accuracy_by_margin": {}, "ci_by_margin": {}, "count_by_margin": {},
+           "margin_mean": float((chosen - rejected).mean())}
+    from alignkit.world import MARGIN_THRESHOLDS
+
+    order = {label: i for i, (_, label) in enumerate(MARGIN_THRESHOLDS)}  # strongest preference first
+    for label in sorted({r.get("margin", "") for r in rows}, key=lambda m: (order.get(m, len(order)), m)):
+        sel = [(r, c) for r, c in zip(rows, correct) if r.get("margin", "") == label]
+        stat = bootstrap_mean(list(_by_prompt([r for r, _ in sel], [c for _, c in sel]).values()))
+        out["accuracy_by_margin"][label] = stat["mean"]
+        out["ci_by_margin"][label] = [stat["low"], stat["high"]]
+        out["count_by_margin"][label] = len(sel)
+    return out
+
+
+def _by_prompt(rows: list[dict], values: list[float]) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = {}
+    for r, v in zip(rows, values):
+        groups.setdefault(r["prompt"], []).append(v)
+    return groups
+
 
 def reward_models(ctx: Context, names=("helpfulness", "safety", "helpfulness_confident")) -> None:
     for name in names:
@@ -114,23 +150,29 @@ def combined_reward(ctx: Context, dirs: dict[str, Path] | None = None):
 
 
 def policy_from_dir(ctx: Context, name: str, policy_dir: Path) -> None:
-    """Sample a trained policy on the held-out prompts and estimate its KL to the SFT policy."""
-    from alignkit.eval.metrics import kl_to_reference, lm_loss
+    """Sample a trained policy on the held-out prompts (``eval_samples`` each) and keep, per
+    sample, its k1 KL term to the SFT policy, and per held-out corpus document its NLL (the
+    alignment tax): the raw material of the report's intervals."""
+    from alignkit.eval.metrics import kl_per_sample, lm_nll_per_text
     from alignkit.models.loading import load_causal_lm
 
     s = ctx.scale
     prompts = ctx.world.prompts(split="heldout")
     model, gens = sample(policy_dir, ctx.tokenizer, prompts, s.eval_samples, ctx.cfg.seed + 202, s.max_new_tokens)
     sft_model = load_causal_lm(ModelConfig(path=str(ctx.sft_dir)), trainable=False)
-    kl = kl_to_reference(model, sft_model, gens.prompt_ids, gens.response_ids, ctx.tokenizer.pad_token_id)
+    kl = kl_per_sample(model, sft_model, gens.prompt_ids, gens.response_ids, ctx.tokenizer.pad_token_id)
     # Alignment tax: LM loss on held-out pretraining documents (lower = less forgetting).
-    tax = lm_loss(model, ctx.tokenizer, ctx.world.pretraining_heldout())
-    ctx.policies[name] = {"prompts": [prompts[i] for i in gens.prompt_index], "texts": gens.texts, "kl": kl,
-                          "kl_kind": "k1 from samples", "pretrain_loss": tax}
+    nll = lm_nll_per_text(model, ctx.tokenizer, ctx.world.pretraining_heldout())
+    ctx.policies[name] = {"prompts": [prompts[i] for i in gens.prompt_index], "texts": gens.texts,
+                          "kl": float(kl.mean()), "kl_values": kl.tolist(), "kl_kind": "k1 from samples",
+                          "pretrain_loss": sum(nll[0]) / max(sum(nll[1]), 1), "pretrain_nll": nll}
+
 
 def sft_policy(ctx: Context) -> None:
+    """The SFT policy on the held-out prompts: the baseline every method is compared with."""
     policy_from_dir(ctx, "sft", ctx.sft_dir)
-    ctx.policies["sft"]["kl"] = 0.0
+    ctx.policies["sft"].update(kl=0.0, kl_values=None, kl_kind="")  # KL of SFT to itself: 0 exactly
+
 
 def prompt_messages(ctx: Context) -> list[list[dict]]:
     return [messages(p.text) for p in ctx.world.prompts(split="train")]

@@ -10,14 +10,14 @@ import torch
 
 from .methods import (best_of_n, dpo, grpo, ipo, kto, ppo, ppo_ptx, ppo_safety_constrained, rejection_sampling,
                       rloo)
-from .config import FULL, QUICK, DemoConfig
+from .config import DemoConfig, scale_of
 from .context import Context, Stages
 from .critic import critic_stage
 from .evaluate import evaluate
-from .findings import findings
 from .iterate import iterative
 from .labels import comparisons
 from .pipeline import build_base, reward_models, sft, sft_policy
+from .report import COMPARISONS, write
 
 
 #: method name -> stage function, run in this order, each from the same SFT policy.
@@ -43,14 +43,13 @@ QUICK_METHODS = ("best_of_n", "dpo", "rejection_sampling", "ppo", "ppo_ptx", "gr
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from alignkit.eval.report import write_report
     from alignkit.train.common import seed_everything
     from alignkit.world import World
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    scale = QUICK if cfg.quick else FULL
+    scale = scale_of(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.methods == "all" or (cfg.methods == "default" and not cfg.quick):
@@ -64,7 +63,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise ValueError(f"demo: unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     ctx = Context(cfg=cfg, scale=scale, world=World(seed=cfg.seed), out=out)
     stages = Stages(total=6 + len(wanted))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     stages.run("world, tokenizer and pretraining", build_base, ctx)
     stages.run("supervised fine-tuning", sft, ctx)
     stages.run("comparison data from simulated labelers", comparisons, ctx)
@@ -72,19 +71,21 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages.run("sample the SFT policy", sft_policy, ctx)
     for name in wanted:
         stages.run(name, METHODS[name], ctx)
-    policies = stages.run("gold-judge evaluation and report", evaluate, ctx)
+    scored = stages.run("gold-judge evaluation", evaluate, ctx, COMPARISONS)
     report = {
         "seed": cfg.seed,
         "quick": cfg.quick,
         "reward_models": ctx.rm_report,
-        "policies": policies,
+        "policies": scored["policies"],
+        "comparisons": scored["comparisons"],
         "timings_s": {**stages.timings, "total": round(time.perf_counter() - t0, 2)},
+        "cpu_s": {**stages.cpu, "total": round(time.process_time() - c0, 2)},
         "world": ctx.world.summary(),
         "labels": ctx.extra.get("labels", {}),
         "model_parameters": ctx.extra.get("model_parameters"),
         "critic": ctx.extra.get("critic"),
     }
     title = f"alignkit demo report (seed {cfg.seed}{', quick' if cfg.quick else ''})"
-    write_report(report, out, ctx.curves, findings(report), title)
+    write(report, out, ctx.curves, title)
     print(f"\n[demo] done in {report['timings_s']['total']:.0f}s: {out / 'report.md'}")
     return report
