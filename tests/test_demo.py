@@ -72,6 +72,26 @@ def test_the_library_never_imports_the_demo_and_the_demo_has_no_import_circle():
     assert {"alignkit.demo.run", "alignkit.demo.critic", "alignkit.demo.iterate"} <= set(graph)
 
 
+def test_the_same_seed_gives_the_same_report_and_records_what_it_ran_on(tmp_path):
+    """A tiny demo (every shared stage, best-of-N, DPO and GRPO at a scale of seconds) twice with one
+    seed: report.json is identical apart from the timings, and it says what it ran on."""
+    from alignkit.demo.run import without_timings
+
+    reports = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert main(["demo", "--seed", "3", "--out", str(out), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+    a, b = reports
+    assert {"sft", "best_of_n/combined", "dpo", "grpo"} <= set(a["policies"])
+    assert a["timings_s"]["total"] > 0 and "cpu_s" in a
+    assert without_timings(a) == without_timings(b)
+    env = a["environment"]
+    assert env["seed"] == 3 and env["torch_threads"] == 1
+    assert env["torch"] and env["transformers"] and env["cpu_model"] and isinstance(env["cpu_vector_flags"], list)
+    assert "What it ran on" in (tmp_path / "a" / "report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")

@@ -127,3 +127,15 @@ def test_seed_interval_is_students_t_by_hand():
     assert r["low"] == pytest.approx(2 - 2.4843, abs=1e-4) and r["high"] == pytest.approx(2 + 2.4843, abs=1e-4)
     assert seed_interval([0.5]) == {"mean": 0.5, "low": None, "high": None, "n": 1, "sd": None}
     assert seed_interval([None, None]) is None
+
+
+def test_run_environment_names_the_cpu_libraries_and_threads():
+    import torch
+
+    from alignkit.eval.environment import VECTOR_FLAGS, comparable, run_environment
+
+    env = run_environment(seed=7)
+    assert env["seed"] == 7 and env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["cpu_model"] and set(env["cpu_vector_flags"]) <= set(VECTOR_FLAGS)
+    assert comparable(env, dict(env)) == []
+    assert comparable(env, {**env, "cpu_vector_flags": ["avx512f"], "torch_threads": 99}) == ["cpu_vector_flags", "torch_threads"]

@@ -179,7 +179,8 @@ def environment_lines(env: dict | None) -> list[str]:
     if not env:
         return []
     return ["", "## What it ran on", "",
-            f"{env.get('cpu_model', '?')} ({env.get('cpu_count', '?')} CPUs; vector flags: {', '.join(env.get('cpu_vector_flags', [])) or 'none'}); "
+            f"{env.get('cpu_model', '?')} ({env.get('cpu_id', '')}; {env.get('cpu_count', '?')} CPUs; vector flags: "
+            f"{', '.join(env.get('cpu_vector_flags', [])) or 'none'}; torch kernels: {env.get('torch_cpu_capability', '?')}); "
             f"torch {env.get('torch', '?')} ({env.get('torch_threads', '?')} thread(s)), transformers {env.get('transformers', '?')}, "
             f"Python {env.get('python', '?')}, {env.get('platform', '?')}. The same seed, software and machine give the same "
             "report; another CPU rounds float32 kernels differently, and training amplifies that, so figures from another "

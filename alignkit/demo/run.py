@@ -20,6 +20,16 @@ from .pipeline import build_base, reward_models, sft, sft_policy
 from .report import COMPARISONS, write
 
 
+#: Keys of report.json that measure time, not results: two runs with the same seed, software and
+#: machine give the same report apart from these (tests/test_demo.py checks it).
+TIMING_KEYS = ("timings_s", "cpu_s")
+
+
+def without_timings(report: dict) -> dict:
+    """``report`` without its timings: what must be identical between two runs of one seed on one machine."""
+    return {k: v for k, v in report.items() if k not in TIMING_KEYS}
+
+
 #: method name -> stage function, run in this order, each from the same SFT policy.
 METHODS: dict[str, Callable[[Context], None]] = {
     "best_of_n": best_of_n,
@@ -43,6 +53,7 @@ QUICK_METHODS = ("best_of_n", "dpo", "rejection_sampling", "ppo", "ppo_ptx", "gr
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    from alignkit.eval.environment import run_environment
     from alignkit.train.common import seed_everything
     from alignkit.world import World
 
@@ -75,6 +86,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     report = {
         "seed": cfg.seed,
         "quick": cfg.quick,
+        "scale": "tiny" if cfg.tiny else "quick" if cfg.quick else "full",
+        "methods": wanted,
+        "environment": run_environment(cfg.seed),
         "reward_models": ctx.rm_report,
         "policies": scored["policies"],
         "comparisons": scored["comparisons"],
