@@ -72,24 +72,56 @@ def test_the_library_never_imports_the_demo_and_the_demo_has_no_import_circle():
     assert {"alignkit.demo.run", "alignkit.demo.critic", "alignkit.demo.iterate"} <= set(graph)
 
 
-def test_the_same_seed_gives_the_same_report_and_records_what_it_ran_on(tmp_path):
-    """A tiny demo (every shared stage, best-of-N, DPO and GRPO at a scale of seconds) twice with one
-    seed: report.json is identical apart from the timings, and it says what it ran on."""
+def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path):
+    """Tiny demos (every shared stage, best-of-N, DPO and GRPO at a scale of seconds): `--seeds 3,4`
+    and then `--seed 3` alone. The two seed-3 reports are identical apart from the timings (the
+    same seed, software and machine give the same report), each says what it ran on, and the
+    aggregate holds both seeds' values with an interval over them."""
     from alignkit.demo.run import without_timings
 
-    reports = []
-    for run in ("a", "b"):
-        out = tmp_path / run
-        assert main(["demo", "--seed", "3", "--out", str(out), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
-        reports.append(json.loads((out / "report.json").read_text()))
-    a, b = reports
+    assert main(["demo", "--seeds", "3,4", "--out", str(tmp_path / "multi"), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+    assert main(["demo", "--seed", "3", "--out", str(tmp_path / "single"), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+    a = json.loads((tmp_path / "multi" / "seed-3" / "report.json").read_text())
+    b = json.loads((tmp_path / "single" / "report.json").read_text())
+    c = json.loads((tmp_path / "multi" / "seed-4" / "report.json").read_text())
     assert {"sft", "best_of_n/combined", "dpo", "grpo"} <= set(a["policies"])
     assert a["timings_s"]["total"] > 0 and "cpu_s" in a
     assert without_timings(a) == without_timings(b)
+    assert without_timings(a)["policies"] != without_timings(c)["policies"]  # the comparison can tell runs apart
     env = a["environment"]
     assert env["seed"] == 3 and env["torch_threads"] == 1
     assert env["torch"] and env["transformers"] and env["cpu_model"] and isinstance(env["cpu_vector_flags"], list)
-    assert "What it ran on" in (tmp_path / "a" / "report.md").read_text()
+    assert "What it ran on" in (tmp_path / "single" / "report.md").read_text()
+    agg = json.loads((tmp_path / "multi" / "report.json").read_text())
+    g = agg["policies"]["dpo"]["gold_reward"]
+    assert agg["seeds"] == [3, 4] and g["values"] == [a["policies"]["dpo"]["gold_reward"], c["policies"]["dpo"]["gold_reward"]]
+    assert g["low"] <= g["mean"] <= g["high"] and g["n"] == 2
+    assert "Claims across seeds" in (tmp_path / "multi" / "report.md").read_text()
+
+
+def test_seed_aggregate_by_hand():
+    """Three seeds with gold reward 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(2) = 4.303 → 0.2 ± 0.2484; a
+    claim that held on two seeds of three is not a finding."""
+    from alignkit.demo.aggregate import aggregate, parse_seeds
+
+    def rep(seed, g, holds):
+        pol = {"sft": {"gold_reward": 0.0}, "dpo": {"gold_reward": g, "vs_sft": {"gold_reward": {"mean": g}}}}
+        return {"seed": seed, "quick": True, "policies": pol, "reward_models": {"helpfulness": {"accuracy": 0.6}},
+                "claims": [{"id": "x", "expected": "x happens", "holds": holds, "text": f"x {g}"}],
+                "timings_s": {"total": 1.0}, "cpu_s": {"total": 1.0}}
+
+    agg = aggregate([rep(0, 0.1, True), rep(1, 0.2, True), rep(2, 0.3, False)])
+    g = agg["policies"]["dpo"]["gold_reward"]
+    assert g["mean"] == pytest.approx(0.2) and g["high"] - g["mean"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert agg["policies"]["dpo"]["vs_sft"]["gold_reward"]["values"] == [0.1, 0.2, 0.3]
+    assert agg["reward_models"]["helpfulness"]["accuracy"]["sd"] == 0.0
+    (claim,) = agg["claims"]
+    assert claim["holds_on"] == [0, 1] and claim["holds"] is False
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "0,0", "a"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+    assert main(["demo", "--seed", "1", "--seeds", "1,2", "tiny=true"]) == 2
 
 
 @pytest.fixture(scope="module")

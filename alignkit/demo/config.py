@@ -14,6 +14,9 @@ class DemoConfig:
     """Directory for models, data, report.json, report.md and the plots."""
     seed: int = 0
     """Seed of the world, the models and the sampling."""
+    seeds: str = ""
+    """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
+    every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
     """A smaller, faster run (fewer steps and samples): about 3 minutes on 2 CPU cores."""
     tiny: bool = False

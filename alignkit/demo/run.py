@@ -53,6 +53,35 @@ QUICK_METHODS = ("best_of_n", "dpo", "rejection_sampling", "ppo", "ppo_ptx", "gr
 
 
 def run_demo(cfg: DemoConfig) -> dict:
+    """Run the demo (once, or once per seed of ``cfg.seeds`` and aggregated); return the report."""
+    if cfg.seeds:
+        return run_seeds(cfg)
+    return run_once(cfg)
+
+
+def run_seeds(cfg: DemoConfig) -> dict:
+    """One run per seed of ``cfg.seeds`` into ``out/seed-N``, then the aggregate report in ``out``."""
+    from dataclasses import replace
+
+    from .aggregate import aggregate, parse_seeds
+    from .aggregate import write as write_aggregate
+
+    seeds = parse_seeds(cfg.seeds)
+    out = Path(cfg.out)
+    t0 = time.perf_counter()
+    reports = []
+    for i, seed in enumerate(seeds):
+        print(f"\n[demo] seed {seed} ({i + 1} of {len(seeds)})", flush=True)
+        reports.append(run_once(replace(cfg, seed=seed, seeds="", out=str(out / f"seed-{seed}"))))
+    agg = aggregate(reports)
+    scale = "tiny" if cfg.tiny else "quick" if cfg.quick else "full"
+    write_aggregate(agg, out, f"alignkit demo report: seeds {', '.join(map(str, seeds))} ({scale})")
+    print(f"\n[demo] {len(seeds)} seeds done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
+    return agg
+
+
+def run_once(cfg: DemoConfig) -> dict:
+    """One run of the demo with ``cfg.seed``."""
     from alignkit.eval.environment import run_environment
     from alignkit.train.common import seed_everything
     from alignkit.world import World
