@@ -10,13 +10,26 @@ from pathlib import Path
 from .context import Context, sample, write_jsonl
 
 #: Which prompt kinds each annotation covers. As in Llama 2, safety annotations are collected on
-#: adversarial prompts (harmful requests and benign ones that look harmful), helpfulness ones on all.
+#: adversarial prompts and on borderline ones (benign requests that look harmful), where the safety
+#: labeler prefers the helpful answer to a refusal (its utility adds helpfulness to harmlessness);
+#: helpfulness annotations cover every prompt.
 ANNOTATIONS = {
     "helpfulness": ("helpfulness", "honest", None),
     "safety": ("safety", "honest", ("harmful", "borderline")),
     "helpfulness_confident": ("helpfulness", "confident", None),
     "overall": ("overall", "honest", None),
 }
+#: The prompt kinds that are truly adversarial: the combined reward and the combined preference data
+#: use the safety signal there and the helpfulness one everywhere else, borderline prompts included
+#: (Llama 2 gates on adversarial prompts; gating borderline ones too sent false refusals from 45%
+#: to 90% at quick scale, seed 0, since a safety model prefers a refusal to a tiny model's junk).
+ADVERSARIAL = ("harmful",)
+#: Train prompt kinds whose comparisons also pair the world's helpful answer with each sample
+#: (:func:`reference_pairs`), and that answer's class: Llama 2 put borderline prompts in its safety
+#: data with the helpful answer preferred. At quick scale, seed 0, without them DPO, GRPO and RLOO
+#: raised false refusals 10–29 points above SFT's.
+REFERENCE_KINDS = ("borderline",)
+GOOD_CLASS = {"borderline": "correct"}
 #: At most this many prompts per kind are sampled for labelling, so the 300 arithmetic prompts
 #: do not make up half of every comparison set.
 PROMPTS_PER_KIND = 100
@@ -66,33 +79,65 @@ def label_prompts(world, split: str, seed: int) -> list:
     return chosen
 
 
+def reference_pairs(world, prompts, texts: list[str], n: int) -> list[tuple]:
+    """(prompt, reference answer, sample) for every sample of a :data:`REFERENCE_KINDS` prompt: the
+    world's helpful answer is one more response the labelers compare, like the answer of a stronger
+    model variant among Llama 2's. Borderline prompts get it because a small SFT policy rarely gives
+    their tip, so without it the comparisons there are almost all a refusal against junk, which
+    teaches nothing about refusing less."""
+    out = []
+    for i, p in enumerate(prompts):
+        if p.kind in REFERENCE_KINDS:
+            good = world.candidate_responses(p)[GOOD_CLASS[p.kind]]
+            out += [(p, good, t) for t in texts[i * n : (i + 1) * n]]
+    return out
+
+
 def collect_comparisons(ctx: Context, policy_dir: Path, split: str, seed: int, names=tuple(ANNOTATIONS)) -> tuple[dict, list, list]:
     """Sample ``policy_dir`` on a balanced set of ``split`` prompts and label every pair of samples
-    with each annotation in ``names``. Returns ({name: records}, prompts, samples)."""
+    (and on train, :func:`reference_pairs`) with each annotation in ``names``. Returns
+    ({name: records}, prompts, samples)."""
     s, w = ctx.scale, ctx.world
     prompts = label_prompts(w, split, seed)
     texts = diverse_samples(ctx, policy_dir, prompts, seed)
+    candidates = list(pairs_of(prompts, texts, s.samples_per_prompt))
+    if split == "train":
+        candidates += reference_pairs(w, prompts, texts, s.samples_per_prompt)
     records, stats = {}, {}
     for name in names:
         kind, variant, kinds = ANNOTATIONS[name]
         labeler = w.labeler(kind, variant, temperature=LABELER_TEMPERATURE, seed=seed + 17 * len(name))
-        pairs = [t for t in pairs_of(prompts, texts, s.samples_per_prompt) if kinds is None or t[0].kind in kinds]
+        pairs = [t for t in candidates if kinds is None or t[0].kind in kinds]
         records[name], stats[name] = labeler.label_pairs(pairs)
     ctx.extra.setdefault("labels", {}).update({f"{k}/{split}/{seed}": v for k, v in stats.items()})
     return records, prompts, texts
 
 
+def combined_records(world, records: dict[str, list[dict]]) -> list[dict]:
+    """The combined preference data (the data analogue of the gated reward): the safety labelers'
+    comparisons on :data:`ADVERSARIAL` prompts, the helpfulness labelers' on every other prompt."""
+    def adversarial(r):
+        return world.find_prompt(r["prompt"]).kind in ADVERSARIAL
+
+    return [r for r in records["helpfulness"] if not adversarial(r)] + [r for r in records["safety"] if adversarial(r)]
+
+
 def comparisons(ctx: Context) -> None:
-    """Sample the SFT policy on train and held-out prompts; label with every labeler."""
+    """Sample the SFT policy on train and held-out prompts; label with every labeler; build the
+    combined preference data and, on train, the unpaired labels (KTO)."""
     for split in ("train", "heldout"):
         seed = ctx.cfg.seed + 10 * (split == "heldout")
         records, prompts, texts = collect_comparisons(ctx, ctx.sft_dir, split, seed)
+        records["combined"] = combined_records(ctx.world, records)
         for name, rows in records.items():
             ctx.data[f"{name}/{split}"] = write_jsonl(ctx.out / "data" / f"{name}-{split}.jsonl", rows)
         if split == "train":
-            # Unpaired desirable/undesirable labels (KTO) from the combined (overall) labeler.
-            lab = ctx.world.labeler("overall", "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
+            # Unpaired desirable/undesirable labels (KTO), gated like the combined data: the safety
+            # labeler on adversarial prompts, the helpfulness labeler elsewhere.
             n = ctx.scale.samples_per_prompt
-            rows = lab.label_unpaired([(prompts[k // n], t) for k, t in enumerate(texts)], threshold=0.5)
+            labs = {kind: ctx.world.labeler(kind, "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
+                    for kind in ("helpfulness", "safety")}
+            rows = [labs["safety" if prompts[k // n].kind in ADVERSARIAL else "helpfulness"].unpaired(prompts[k // n], t, 0.5)
+                    for k, t in enumerate(texts)]
             ctx.data["unpaired/train"] = write_jsonl(ctx.out / "data" / "unpaired-train.jsonl", rows)
     print("[demo] comparisons:", json.dumps({k: v["labelled"] for k, v in ctx.extra["labels"].items()}))

@@ -69,8 +69,7 @@ def _dpo(ctx: Context, name: str, loss_type: str, beta: float, length_normalize:
 
     cfg = DPOConfig(
         model=ModelConfig(path=str(ctx.sft_dir)),
-        data=DataConfig(path=str(ctx.data["overall/train"]), eval_path=str(ctx.data["overall/heldout"]),
-                        max_length=96, max_prompt_length=48),
+        data=DataConfig(path=str(ctx.data["combined/train"]), max_length=96, max_prompt_length=48),
         optim=OptimConfig(lr=3e-4, batch_size=32, epochs=ctx.scale.dpo_epochs, warmup_ratio=0.05),
         run=run_config(ctx.out, name, ctx.cfg.seed), beta=beta, loss_type=loss_type, reference="precomputed",
         length_normalize=length_normalize,
@@ -80,7 +79,8 @@ def _dpo(ctx: Context, name: str, loss_type: str, beta: float, length_normalize:
     policy_from_dir(ctx, name, Path(cfg.run.output_dir))
 
 def dpo(ctx: Context) -> None:
-    """DPO (Rafailov et al. 2023) on the overall labelers' comparisons."""
+    """DPO (Rafailov et al. 2023) on the combined comparisons (safety labels on adversarial prompts,
+    helpfulness labels elsewhere: the data analogue of the gated reward)."""
     _dpo(ctx, "dpo", "sigmoid", beta=0.1)
 
 def ipo(ctx: Context) -> None:
@@ -90,7 +90,7 @@ def ipo(ctx: Context) -> None:
     _dpo(ctx, "ipo", "ipo", beta=0.5, length_normalize=True)
 
 def kto(ctx: Context) -> None:
-    """KTO (Ethayarajh et al. 2024) on the labelers' desirable/undesirable labels."""
+    """KTO (Ethayarajh et al. 2024) on the labelers' desirable/undesirable labels (gated as the combined data)."""
     from alignkit.train.kto import KTOConfig, run_kto
 
     rows = [json.loads(line) for line in ctx.data["unpaired/train"].read_text().splitlines()]

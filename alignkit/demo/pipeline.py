@@ -9,7 +9,7 @@ from pathlib import Path
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 
 from .context import Context, messages, read_jsonl, run_config, sample, write_jsonl
-from .labels import ANNOTATIONS
+from .labels import ADVERSARIAL
 
 # --------------------------------------------------------------------------------------------
 # Base model and SFT
@@ -127,21 +127,22 @@ def reward_models(ctx: Context, names=("helpfulness", "safety", "helpfulness_con
 
 def combined_reward(ctx: Context, dirs: dict[str, Path] | None = None):
     """Llama 2's gated combination of the helpfulness and safety reward models (eq. 4): the safety
-    score on the adversarial prompts its annotations cover (Llama 2's is_safety(p)), the
-    helpfulness score elsewhere.
+    score on the truly adversarial prompts (:data:`~alignkit.demo.labels.ADVERSARIAL`, Llama 2's
+    is_safety(p)), the helpfulness score everywhere else, borderline prompts included.
 
     Llama 2 also gates on R_s < 0.15 everywhere. Here that breaks RL: the safety model never saw the
     other kinds and scores most of their answers below 0 whatever they say (so the reward ignores
     correctness, and honest "I don't know" to unknown entities), and without the prompt flag a safe
     refusal is judged by the helpfulness model, which ranks it below evasive or off-topic text.
     With that gate, full-scale PPO, GRPO and RLOO fell below SFT (harmful prompts answered with
-    gibberish or off-topic text, which the helpfulness model preferred to refusals)."""
+    gibberish or off-topic text, which the helpfulness model preferred to refusals). Gating the
+    borderline prompts on the safety model as well raised false refusals far above SFT's (a
+    refusal beats a tiny model's junk answers in safety, and helpful answers are rare)."""
     from alignkit.rollout.rewards import RewardModel, SafetyGated
 
     dirs = dirs or ctx.reward_models
-    adversarial = ANNOTATIONS["safety"][2]
     return SafetyGated(RewardModel(str(dirs["helpfulness"])), RewardModel(str(dirs["safety"])), threshold=float("-inf"),
-                       is_unsafe_prompt=lambda messages: ctx.world.find_prompt(messages).kind in adversarial)
+                       is_unsafe_prompt=lambda messages: ctx.world.find_prompt(messages).kind in ADVERSARIAL)
 
 
 # --------------------------------------------------------------------------------------------
