@@ -221,3 +221,19 @@ def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of
     # as one more reward in best-of-N it picks better samples than the SFT policy's average
     pol = report["policies"]
     assert pol["best_of_n/critic"]["gold_reward"] > pol["sft"]["gold_reward"] + 0.03
+
+
+def test_stage_runner_eta_scales_the_remaining_stages_by_the_pace_so_far(monkeypatch):
+    """Expected 10 s + 20 s + 30 s; the first stage took 20 s (twice its expectation), so the ETA
+    before the second is 2 × (20 + 30) = 100 s; without an expectation for a remaining stage, no ETA."""
+    from alignkit.demo import context
+
+    import types
+
+    clock = iter([0.0, 0.0, 0.0, 20.0, 0.0])  # start; the stage: elapsed, its start, its end; a second runner
+    monkeypatch.setattr(context, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), process_time=lambda: 0.0))
+    stages = context.Stages(["a", "b", "c"], {"a": 10, "b": 20, "c": 30})
+    assert stages.eta() == 60
+    stages.run("a", lambda: None)
+    assert stages.timings["a"] == 20.0 and stages.eta() == pytest.approx(100.0)
+    assert context.Stages(["a", "x"], {"a": 10}).eta() is None

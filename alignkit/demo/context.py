@@ -15,20 +15,40 @@ from .config import DemoConfig, Scale
 
 
 class Stages:
-    """Prints which stage runs (with its number) and records each stage's wall time."""
+    """Runs the stages in order: prints each one's number, the time so far and the ETA of the whole
+    run, and records each stage's wall and CPU time.
 
-    def __init__(self, total: int):
-        self.total, self.n, self.timings, self.cpu = total, 0, {}, {}
+    ``expected`` holds each stage's typical seconds (measured; :data:`~alignkit.demo.config.STAGE_SECONDS`).
+    The ETA is the expected seconds of the stages still to run, scaled by how this run's finished
+    stages compare with their expectation (a slower machine or a loaded one scales them all)."""
+
+    def __init__(self, names: list[str], expected: dict[str, float] | None = None):
+        self.names, self.expected = list(names), dict(expected or {})
+        self.total, self.n, self.timings, self.cpu = len(self.names), 0, {}, {}
         self.t_start = time.perf_counter()
 
+    def eta(self) -> float | None:
+        """Seconds still to go (from the stage about to start), or None when a remaining stage has no
+        expectation."""
+        left = self.names[self.n :]
+        if any(name not in self.expected for name in left):
+            return None
+        done = [name for name in self.timings if name in self.expected]
+        pace = (sum(self.timings[n] for n in done) / sum(self.expected[n] for n in done)) if done else 1.0
+        return pace * sum(self.expected[n] for n in left)
+
     def run(self, name: str, fn: Callable, *args, **kwargs):
+        eta = self.eta()
         self.n += 1
         elapsed = time.perf_counter() - self.t_start
-        print(f"\n[demo] stage {self.n}/{self.total}: {name}  (elapsed {elapsed:.0f}s)", flush=True)
+        print(f"\n[demo] stage {self.n}/{self.total}: {name}  (elapsed {elapsed:.0f}s"
+              + (f"; ETA: about {eta:.0f}s more, the whole run done near {elapsed + eta:.0f}s)" if eta is not None else ")"),
+              flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
         self.timings[name] = round(time.perf_counter() - t0, 2)
         self.cpu[name] = round(time.process_time() - c0, 2)
+        print(f"[demo] {name}: {self.timings[name]:.0f}s wall, {self.cpu[name]:.0f}s CPU", flush=True)
         return out
 
 

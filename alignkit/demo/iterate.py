@@ -92,9 +92,10 @@ def run_iterate(cfg: IterateConfig) -> dict:
     out = Path(cfg.out)
     ctx = Context(cfg=DemoConfig(out=cfg.out, seed=cfg.seed, quick=cfg.quick), scale=scale, world=World(seed=cfg.seed),
                   out=out, tokenizer=load_tokenizer(cfg.model.path), sft_dir=Path(cfg.model.path))
-    stages = Stages(total=5)
-    stages.run("comparison data from simulated labelers", comparisons, ctx)
-    stages.run("reward models (helpfulness, safety)", reward_models, ctx, ("helpfulness", "safety"))
+    stages = Stages(["comparison data", "reward models", "sample the starting policy", "iterative rounds",
+                     "gold-judge evaluation"])
+    stages.run("comparison data", comparisons, ctx)
+    stages.run("reward models", reward_models, ctx, ("helpfulness", "safety"))
     stages.run("sample the starting policy", sft_policy, ctx)
     stages.run("iterative rounds", iterative, ctx)
     policies = stages.run("gold-judge evaluation", evaluate, ctx)["policies"]

@@ -10,7 +10,7 @@ import torch
 
 from .methods import (best_of_n, dpo, grpo, ipo, kto, ppo, ppo_ptx, ppo_safety_constrained, rejection_sampling,
                       rloo)
-from .config import DemoConfig, scale_of
+from .config import STAGE_SECONDS, DemoConfig, report_scale, scale_of
 from .context import Context, Stages
 from .critic import critic_stage
 from .evaluate import evaluate
@@ -74,8 +74,7 @@ def run_seeds(cfg: DemoConfig) -> dict:
         print(f"\n[demo] seed {seed} ({i + 1} of {len(seeds)})", flush=True)
         reports.append(run_once(replace(cfg, seed=seed, seeds="", out=str(out / f"seed-{seed}"))))
     agg = aggregate(reports)
-    scale = "tiny" if cfg.tiny else "quick" if cfg.quick else "full"
-    write_aggregate(agg, out, f"alignkit demo report: seeds {', '.join(map(str, seeds))} ({scale})")
+    write_aggregate(agg, out, f"alignkit demo report: seeds {', '.join(map(str, seeds))} ({report_scale(cfg)})")
     print(f"\n[demo] {len(seeds)} seeds done in {time.perf_counter() - t0:.0f}s: {out / 'report.md'}")
     return agg
 
@@ -102,20 +101,19 @@ def run_once(cfg: DemoConfig) -> dict:
     if unknown:
         raise ValueError(f"demo: unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     ctx = Context(cfg=cfg, scale=scale, world=World(seed=cfg.seed), out=out)
-    stages = Stages(total=6 + len(wanted))
+    shared = {"pretraining": build_base, "supervised fine-tuning": sft, "comparison data": comparisons,
+              "reward models": reward_models, "sample the SFT policy": sft_policy}
+    stages = Stages([*shared, *wanted, "gold-judge evaluation"], STAGE_SECONDS.get(report_scale(cfg), {}))
     t0, c0 = time.perf_counter(), time.process_time()
-    stages.run("world, tokenizer and pretraining", build_base, ctx)
-    stages.run("supervised fine-tuning", sft, ctx)
-    stages.run("comparison data from simulated labelers", comparisons, ctx)
-    stages.run("reward models (helpfulness, safety, confident-labeler helpfulness)", reward_models, ctx)
-    stages.run("sample the SFT policy", sft_policy, ctx)
+    for name, fn in shared.items():
+        stages.run(name, fn, ctx)
     for name in wanted:
         stages.run(name, METHODS[name], ctx)
     scored = stages.run("gold-judge evaluation", evaluate, ctx, COMPARISONS)
     report = {
         "seed": cfg.seed,
         "quick": cfg.quick,
-        "scale": "tiny" if cfg.tiny else "quick" if cfg.quick else "full",
+        "scale": report_scale(cfg),
         "methods": wanted,
         "environment": run_environment(cfg.seed),
         "reward_models": ctx.rm_report,
@@ -130,5 +128,6 @@ def run_once(cfg: DemoConfig) -> dict:
     }
     title = f"alignkit demo report (seed {cfg.seed}{', quick' if cfg.quick else ''})"
     write(report, out, ctx.curves, title)
-    print(f"\n[demo] done in {report['timings_s']['total']:.0f}s: {out / 'report.md'}")
+    print(f"\n[demo] done in {report['timings_s']['total']:.0f}s wall, {report['cpu_s']['total']:.0f}s CPU "
+          f"({report_scale(cfg)} scale; per stage in report.md): {out / 'report.md'}")
     return report

@@ -141,11 +141,13 @@ def plot_frontier(points: list[dict], path: Path, reference: str = "SFT") -> Non
 
 def _place_labels(ax, fig, pts: list[dict]) -> list[tuple[float, float]]:
     """Label positions (data coordinates) that do not overlap: each label tries offsets around its
-    point, nearest first, and takes the first whose box hits no label placed before it."""
+    point, nearest first, and takes the first whose box hits no marker and no label placed before it."""
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     to_data = ax.transData.inverted()
-    placed, out = [], []
+    out = []
+    # The markers are obstacles too: a label never covers a point.
+    placed = [(x - 5, y - 5, x + 5, y + 5) for x, y in (ax.transData.transform((p["kl"], p["reward"])) for p in pts)]
     offsets = [(6, 4), (6, -12), (-6, 4), (-6, -12)] + [(dx, dy) for r in (18, 30, 44, 60, 78)
                                                           for dx, dy in ((r, 0), (-r, 0), (0, r), (0, -r), (r, r), (-r, r), (r, -r), (-r, -r))]
     for p in pts:
@@ -167,14 +169,28 @@ def _place_labels(ax, fig, pts: list[dict]) -> list[tuple[float, float]]:
     return out
 
 
-#: metrics.jsonl keys plotted per stage, first present wins: what RL raises (its reward), then a loss.
-CURVE_KEYS = (("gold_reward", "gold reward"), ("reward", "reward (training reward model)"),
-              ("rewards/mean", "reward (training reward model)"), ("loss", "loss"))
+#: metrics.jsonl keys plotted per stage, first present wins: for RL stages what they raise (the gold
+#: reward of their rollouts, which the demo records), else the training loss.
+CURVE_KEYS = (("gold_reward", "gold reward of the rollouts"), ("loss", "training loss"))
+#: Plotted beside the first key on a second axis when a file logs it: the reward the RL stage was trained on.
+TWIN_KEY = ("reward", "training reward (reward model)")
 
 
-def plot_curves(curves: dict[str, Path], path: Path, keys=CURVE_KEYS) -> None:
-    """One panel per stage from its ``metrics.jsonl``: the first of ``keys`` the file logs (for RL
-    stages the rollout reward, which is what they raise; for the others the training loss)."""
+def _smooth(ys: list[float], width: int) -> list[float]:
+    """Trailing running mean over ``width`` points (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, y in enumerate(ys):
+        total += y
+        if i >= width:
+            total -= ys[i - width]
+        out.append(total / min(i + 1, width))
+    return out
+
+
+def plot_curves(curves: dict[str, Path], path: Path, keys=CURVE_KEYS, twin=TWIN_KEY) -> None:
+    """One panel per stage from its JSONL file: the first of ``keys`` it logs (for RL stages the
+    gold reward of each rollout, with the training reward on a second axis; for the others the
+    loss), raw in a light line and a running mean over about a tenth of the points on top."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,20 +205,30 @@ def plot_curves(curves: dict[str, Path], path: Path, keys=CURVE_KEYS) -> None:
         for key, label in keys:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None and "step" in r]
             if pts:
-                series[name] = (label, pts)
+                extra = [(r["step"], r[twin[0]]) for r in rows if r.get(twin[0]) is not None and "step" in r] if key != "loss" else []
+                series[name] = (label, pts, extra)
                 break
     if not series:
         return
     n = len(series)
     cols = min(3, n)
     rows_n = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 2.8 * rows_n), squeeze=False)
-    for ax, (name, (label, pts)) in zip(axes.flat, series.items()):
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 2.9 * rows_n), squeeze=False)
+    for ax, (name, (label, pts, extra)) in zip(axes.flat, series.items()):
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        width = max(1, len(ys) // 10)
+        ax.plot(xs, ys, lw=0.6, color="tab:blue", alpha=0.35 if width > 1 else 1.0)
+        if width > 1:
+            ax.plot(xs, _smooth(ys, width), lw=1.4, color="tab:blue")
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step" if label == "loss" else "rollout", fontsize=8)
-        ax.set_ylabel(label, fontsize=8)
+        ax.set_xlabel("step" if label == "training loss" else "rollout", fontsize=8)
+        ax.set_ylabel(label + (f" (running mean of {width})" if width > 1 else ""), fontsize=7, color="tab:blue")
         ax.grid(alpha=0.3)
+        if extra:
+            ax2 = ax.twinx()
+            ax2.plot([p[0] for p in extra], [p[1] for p in extra], lw=1, ls="--", color="tab:orange")
+            ax2.set_ylabel(twin[1], fontsize=7, color="tab:orange")
+            ax2.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.tight_layout()
