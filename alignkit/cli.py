@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "rs": ("alignkit.train.rejection_sampling", "RSConfig", "run_rs", "rejection sampling: best of N under the reward, then fine-tune on it"),
     "critic": ("alignkit.train.critic", "CriticConfig", "run_critic", "train a critique (generative) reward model: SFT on written critiques ending in a verdict"),
     "tiny-model": ("alignkit.models.factory", "TinyCommandConfig", "run_tiny_model", "build a tiny local Llama + BPE tokenizer from a corpus (no network)"),
-    "iterate": ("alignkit.demo", "IterateConfig", "run_iterate", "iterative RLHF rounds on the alignment world: label, retrain reward models, rejection-sample"),
+    "iterate": ("alignkit.demo.iterate", "IterateConfig", "run_iterate", "iterative RLHF rounds on the alignment world: label, retrain reward models, rejection-sample"),
     "demo": ("alignkit.demo", "DemoConfig", "run_demo", "the whole pipeline on the embedded alignment world, measured by its gold judge"),
 }
 
@@ -71,14 +71,20 @@ def main(argv: list[str] | None = None) -> int:
         # The demo's own flags, as the README shows them.
         parser.add_argument("--out", dest="out_flag")
         parser.add_argument("--seed", dest="seed_flag", type=int)
+        parser.add_argument("--seeds", dest="seeds_flag", help="comma-separated seeds, e.g. 0,1,2: one run each, aggregated")
         parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(rest)
     overrides = list(args.overrides)
+    if command == "demo" and args.seed_flag is not None and args.seeds_flag:
+        print("alignkit demo: give --seed N (one run) or --seeds A,B,C (one run per seed), not both", file=sys.stderr)
+        return 2
     if command == "demo":
         if args.out_flag:
             overrides.append(f"out={args.out_flag}")
         if args.seed_flag is not None:
             overrides.append(f"seed={args.seed_flag}")
+        if args.seeds_flag:
+            overrides.append(f"seeds={args.seeds_flag}")
         if args.quick:
             overrides.append("quick=true")
     try:

@@ -16,7 +16,7 @@ from alignkit.data import load_dataset_records
 from alignkit.data.formats import detect_format
 from alignkit.data.records import CritiquePair, CritiquePoint
 from alignkit.data.report import DataError
-from alignkit.demo_critic import category_name, critique_segments, evaluate_pairs, named_category, naming_rate
+from alignkit.demo.critic import category_name, critique_segments, evaluate_pairs, named_category, naming_rate
 from alignkit.rollout.critique import CritiqueReward, order_stats, verdict_probs
 from alignkit.train.critic import CritiqueTemplate, conversation_text, critique_sft_example
 from alignkit.world import KINDS, World

@@ -7,14 +7,121 @@ picks random best-of-N samples, a broken policy update leaves the gold reward at
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
+import alignkit
 from alignkit.cli import main
 
 REQUIRED_POLICY_KEYS = {"gold_reward", "helpfulness", "safety_violation_rate", "hallucination_rate",
                         "false_refusal_rate", "kl_to_sft", "win_rate_vs_sft", "n_prompts"}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """alignkit module -> the alignkit modules it imports (at the top or inside functions)."""
+    root = Path(alignkit.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = (path, parts[-1] == "__init__")
+    graph = {}
+    for name, (path, is_pkg) in modules.items():
+        package = name if is_pkg else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                # `from pkg import mod` imports the module pkg.mod when there is one
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in modules and t != name}
+        graph[name] = edges
+    return graph
+
+
+def test_the_library_never_imports_the_demo_and_the_demo_has_no_import_circle():
+    graph = _import_graph()
+    library = {m: e for m, e in graph.items() if not m.startswith("alignkit.demo") and m != "alignkit.cli"}
+    offenders = {m: sorted(e) for m, e in library.items() if any(t.startswith("alignkit.demo") for t in e)}
+    assert not offenders, f"library modules import the demo: {offenders}"
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, path = stack.pop()
+            for t in graph.get(node, ()):
+                if t == start:
+                    return path + [t]
+                if t not in seen and t.startswith("alignkit.demo."):
+                    seen.add(t)
+                    stack.append((t, path + [t]))
+        return None
+
+    cycles = [c for m in graph if m.startswith("alignkit.demo.") for c in [cycle_from(m)] if c]
+    assert not cycles, f"import circles in the demo package: {cycles[0]}"
+    assert {"alignkit.demo.run", "alignkit.demo.critic", "alignkit.demo.iterate"} <= set(graph)
+
+
+def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path):
+    """Tiny demos (every shared stage, best-of-N, DPO and GRPO at a scale of seconds): `--seeds 3,4`
+    and then `--seed 3` alone. The two seed-3 reports are identical apart from the timings (the
+    same seed, software and machine give the same report), each says what it ran on, and the
+    aggregate holds both seeds' values with an interval over them."""
+    from alignkit.demo.run import without_timings
+
+    assert main(["demo", "--seeds", "3,4", "--out", str(tmp_path / "multi"), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+    assert main(["demo", "--seed", "3", "--out", str(tmp_path / "single"), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+    a = json.loads((tmp_path / "multi" / "seed-3" / "report.json").read_text())
+    b = json.loads((tmp_path / "single" / "report.json").read_text())
+    c = json.loads((tmp_path / "multi" / "seed-4" / "report.json").read_text())
+    assert {"sft", "best_of_n/combined", "dpo", "grpo"} <= set(a["policies"])
+    assert a["timings_s"]["total"] > 0 and "cpu_s" in a
+    assert without_timings(a) == without_timings(b)
+    assert without_timings(a)["policies"] != without_timings(c)["policies"]  # the comparison can tell runs apart
+    env = a["environment"]
+    assert env["seed"] == 3 and env["torch_threads"] == 1
+    assert env["torch"] and env["transformers"] and env["cpu_model"] and isinstance(env["cpu_vector_flags"], list)
+    assert "What it ran on" in (tmp_path / "single" / "report.md").read_text()
+    agg = json.loads((tmp_path / "multi" / "report.json").read_text())
+    g = agg["policies"]["dpo"]["gold_reward"]
+    assert agg["seeds"] == [3, 4] and g["values"] == [a["policies"]["dpo"]["gold_reward"], c["policies"]["dpo"]["gold_reward"]]
+    assert g["low"] <= g["mean"] <= g["high"] and g["n"] == 2
+    assert "Claims across seeds" in (tmp_path / "multi" / "report.md").read_text()
+
+
+def test_seed_aggregate_by_hand():
+    """Three seeds with gold reward 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(2) = 4.303 → 0.2 ± 0.2484; a
+    claim that held on two seeds of three is not a finding."""
+    from alignkit.demo.aggregate import aggregate, parse_seeds
+
+    def rep(seed, g, holds):
+        pol = {"sft": {"gold_reward": 0.0}, "dpo": {"gold_reward": g, "vs_sft": {"gold_reward": {"mean": g}}}}
+        return {"seed": seed, "quick": True, "policies": pol, "reward_models": {"helpfulness": {"accuracy": 0.6}},
+                "claims": [{"id": "x", "expected": "x happens", "holds": holds, "text": f"x {g}"}],
+                "timings_s": {"total": 1.0}, "cpu_s": {"total": 1.0}}
+
+    agg = aggregate([rep(0, 0.1, True), rep(1, 0.2, True), rep(2, 0.3, False)])
+    g = agg["policies"]["dpo"]["gold_reward"]
+    assert g["mean"] == pytest.approx(0.2) and g["high"] - g["mean"] == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert agg["policies"]["dpo"]["vs_sft"]["gold_reward"]["values"] == [0.1, 0.2, 0.3]
+    assert agg["reward_models"]["helpfulness"]["accuracy"]["sd"] == 0.0
+    (claim,) = agg["claims"]
+    assert claim["holds_on"] == [0, 1] and claim["holds"] is False
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "0,0", "a"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+    assert main(["demo", "--seed", "1", "--seeds", "1,2", "tiny=true"]) == 2
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +221,19 @@ def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of
     # as one more reward in best-of-N it picks better samples than the SFT policy's average
     pol = report["policies"]
     assert pol["best_of_n/critic"]["gold_reward"] > pol["sft"]["gold_reward"] + 0.03
+
+
+def test_stage_runner_eta_scales_the_remaining_stages_by_the_pace_so_far(monkeypatch):
+    """Expected 10 s + 20 s + 30 s; the first stage took 20 s (twice its expectation), so the ETA
+    before the second is 2 × (20 + 30) = 100 s; without an expectation for a remaining stage, no ETA."""
+    from alignkit.demo import context
+
+    import types
+
+    clock = iter([0.0, 0.0, 0.0, 20.0, 0.0])  # start; the stage: elapsed, its start, its end; a second runner
+    monkeypatch.setattr(context, "time", types.SimpleNamespace(perf_counter=lambda: next(clock), process_time=lambda: 0.0))
+    stages = context.Stages(["a", "b", "c"], {"a": 10, "b": 20, "c": 30})
+    assert stages.eta() == 60
+    stages.run("a", lambda: None)
+    assert stages.timings["a"] == 20.0 and stages.eta() == pytest.approx(100.0)
+    assert context.Stages(["a", "x"], {"a": 10}).eta() is None

@@ -18,10 +18,18 @@ def world():
 
 
 def test_prompt_counts_and_splits(world):
+    core = World(seed=0, eval_items=False)
     for kind in KINDS:
         train, held = world.prompts(kind, "train"), world.prompts(kind, "heldout")
         assert len(train) >= 40 and len(held) >= 10, kind
-        assert 0.12 < len(held) / (len(train) + len(held)) < 0.28, kind
+        # the core catalogues hold out about 20% of their items ...
+        core_held = core.prompts(kind, "heldout")
+        assert 0.12 < len(core_held) / (len(train) + len(core_held)) < 0.28, kind
+        # ... the evaluation-only items add to the held-out split only: train is the same world
+        assert [p.text for p in core.prompts(kind, "train")] == [p.text for p in train]
+        assert [p.id for p in core_held] == [p.id for p in held[: len(core_held)]]
+        if kind in ("unknown", "harmful", "borderline"):
+            assert len(held) >= 120, kind  # a rate over them has a 95% interval of about ±7 points or less
         items_train = {p.meta["item"] for p in train}
         assert not items_train & {p.meta["item"] for p in held}  # every phrasing held out together
         assert all(p.kind == kind for p in train + held)
@@ -32,7 +40,8 @@ def test_prompt_counts_and_splits(world):
 
 
 def test_names_never_contain_one_another():
-    names = [n.lower() for n in lx.COUNTRIES + lx.CITIES + lx.CREATURES + lx.COLOURS + lx.FOODS]
+    names = [n.lower() for n in lx.COUNTRIES + lx.CITIES + lx.CREATURES + lx.COLOURS + lx.FOODS
+             + lx.EVAL_COUNTRIES + lx.EVAL_CREATURES]
     assert len(set(names)) == len(names)
     for a in names:
         for b in names:

@@ -185,7 +185,7 @@ def test_fact_about_the_wrong_entity_is_wrong(world):
 
 
 def test_borderline_key_phrases_only_match_their_own_answer(world):
-    for request, answer, phrases in lx.BORDERLINE:
+    for request, answer, phrases in lx.ALL_BORDERLINE:
         own, other = world.judge._tip_positions(answer.lower(), request)
         assert own is not None and other is None, request
     # a truncated tip still counts, as long as one key phrase survives
@@ -241,3 +241,20 @@ def test_judge_stands_alone_and_resolves_text(world):
     assert world.judge.score(messages, world.candidate_responses(p)["correct"]).correct
     with pytest.raises(KeyError):
         world.judge.score("What is the capital of France?", "Paris.")
+
+
+def test_evaluation_only_items_are_judged_like_the_core_ones(world):
+    """The evaluation-only held-out items: every reference response class gets its category."""
+    import random
+
+    expected = {"unknown": {"idk": "honest_unknown", "hallucinated": "hallucination", "refusal": "false_refusal"},
+                "harmful": {"refusal": "safe_refusal", "compliance": "unsafe_compliance"},
+                "borderline": {"correct": "helpful_compliance", "wrong": "wrong_answer", "refusal": "false_refusal"}}
+    rng = random.Random(0)
+    core = {p.text for p in World(seed=0, eval_items=False).prompts(split=None)}
+    extra = [p for p in world.prompts(split="heldout") if p.text not in core]
+    assert {p.kind for p in extra} == set(expected)
+    for p in extra:
+        cands = world.candidate_responses(p, rng)
+        for cls, category in expected[p.kind].items():
+            assert world.judge.score(p, cands[cls]).category == category, (p.text, cls, cands[cls])

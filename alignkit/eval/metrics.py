@@ -34,12 +34,19 @@ def response_logprobs(model, prompt_ids, response_ids, pad_id: int, batch_size: 
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def kl_per_sample(policy, reference, prompt_ids, response_ids, pad_id: int) -> torch.Tensor:
+    """The k1 term of each sample of π, Σ_t [log π(y_t|·) − log π_ref(y_t|·)]: ``(N,)``. Its mean is
+    :func:`kl_to_reference`; per sample it is what a bootstrap over prompts resamples."""
+    if not prompt_ids:
+        return torch.zeros(0)
+    return response_logprobs(policy, prompt_ids, response_ids, pad_id) - response_logprobs(reference, prompt_ids, response_ids, pad_id)
+
+
 def kl_to_reference(policy, reference, prompt_ids, response_ids, pad_id: int) -> float:
     """Mean per-sequence KL(π‖π_ref) from samples of π (k1 estimator; see module doc)."""
     if not prompt_ids:
         return 0.0
-    diff = response_logprobs(policy, prompt_ids, response_ids, pad_id) - response_logprobs(reference, prompt_ids, response_ids, pad_id)
-    return float(diff.mean())
+    return float(kl_per_sample(policy, reference, prompt_ids, response_ids, pad_id).mean())
 
 
 def best_of_n_kl(n: int) -> float:
@@ -60,18 +67,27 @@ def win_rate(score: Callable[[object, str], float], prompts: Sequence, a: Sequen
 
 
 @torch.no_grad()
-def lm_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> float:
-    """Mean per-token NLL of ``texts`` (each followed by EOS): the pretraining loss used to measure
-    the alignment tax."""
+def lm_nll_per_text(model, tokenizer, texts: Sequence[str], batch_size: int = 32,
+                    max_length: int = 256) -> tuple[list[float], list[int]]:
+    """Summed NLL and predicted-token count of each text (followed by EOS): two lists of len(texts).
+    Their ratio of sums is :func:`lm_loss`; per text they are what a bootstrap over documents
+    resamples."""
     from alignkit.data.collate import pad_sequences
 
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = [], []
     for i in range(0, len(texts), batch_size):
         seqs = [tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - 1] + [tokenizer.eos_token_id]
                 for t in texts[i : i + batch_size]]
         batch = {k: v.to(device) for k, v in pad_sequences(seqs, [0] * len(seqs), tokenizer.pad_token_id).items()}
         logps, mask = forward_logps(model, batch)
-        total += float(-(logps * mask).sum())
-        count += int(mask.sum())
-    return total / max(count, 1)
+        sums += (-(logps * mask).sum(1)).double().tolist()
+        counts += mask.sum(1).long().tolist()
+    return sums, counts
+
+
+def lm_loss(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> float:
+    """Mean per-token NLL of ``texts`` (each followed by EOS): the pretraining loss used to measure
+    the alignment tax."""
+    sums, counts = lm_nll_per_text(model, tokenizer, texts, batch_size, max_length)
+    return sum(sums) / max(sum(counts), 1)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from . import lexicon as lx
+import alignkit.world.lexicon as lx
 from .prompts import KINDS, KnowledgeBase, Prompt
 from .responses import BAD, GOOD, render
 
@@ -144,9 +144,9 @@ def arithmetic_documents(max_operand: int, size: CorpusSize, rng: random.Random)
     return [" ".join(sents[i:i + 6]) for i in range(0, len(sents), 6)]
 
 
-def howto_documents(size: CorpusSize, rng: random.Random) -> list[str]:
+def howto_documents(size: CorpusSize, rng: random.Random, borderline=lx.BORDERLINE) -> list[str]:
     sents = []
-    for request, answer, _ in lx.BORDERLINE:
+    for request, answer, _ in borderline:
         for _ in range(size.howto_repeats):
             t = rng.choice(lx.HOWTO_STATEMENTS)
             sents.append(t.format(r=request, a=answer[0].lower() + answer[1:], A=answer))
@@ -196,10 +196,11 @@ def dialogue_documents(train: list[Prompt], rates: Rates, size: CorpusSize,
 
 
 def build_corpus(kb: KnowledgeBase, train: list[Prompt], rates: Rates, size: CorpusSize,
-                 max_operand: int, rng: random.Random) -> list[str]:
-    """All pretraining documents, shuffled."""
+                 max_operand: int, rng: random.Random, borderline=lx.BORDERLINE) -> list[str]:
+    """All pretraining documents, shuffled; ``borderline`` lists the requests whose tips the
+    how-to documents state."""
     docs = (fact_documents(kb, size, rng) + arithmetic_documents(max_operand, size, rng)
-            + howto_documents(size, rng) + dialogue_documents(train, rates, size, rng)
+            + howto_documents(size, rng, borderline) + dialogue_documents(train, rates, size, rng)
             + filler_documents(size, rng))
     rng.shuffle(docs)
     return docs

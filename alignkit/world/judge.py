@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from . import lexicon as lx
+import alignkit.world.lexicon as lx
 from .prompts import Prompt
 
 #: category -> (helpfulness, harmlessness, honesty, reward) before the form penalty.
@@ -108,14 +108,14 @@ def _words_regex(words) -> re.Pattern:
 
 _ALL_VALUES = _words_regex([v for _, vals in lx.RELATIONS.values() for v in vals])
 _VALUES = {rel: _words_regex(vals) for rel, (_, vals) in lx.RELATIONS.items()}
-_ENTITIES = _words_regex(lx.COUNTRIES + lx.CREATURES)
+_ENTITIES = _words_regex(lx.COUNTRIES + lx.CREATURES + lx.EVAL_COUNTRIES + lx.EVAL_CREATURES)
 _NUMBER_WORDS = _words_regex(lx.NUMBER_WORDS)
 _EXPRESSION = re.compile(r"\b(\d+)\s*(plus|minus|\+|-)\s*(\d+)\b")
 _REFUSAL = _any_of(lx.REFUSAL_PATTERNS)
 _IDK = _any_of(lx.IDK_PATTERNS)
 _COMPLIANCE = _any_of(lx.COMPLIANCE_CUES)
 #: every borderline key phrase -> its request
-_TIP_OWNER = {k: r for r, _, phrases in lx.BORDERLINE for k in phrases}
+_TIP_OWNER = {k: r for r, _, phrases in lx.ALL_BORDERLINE for k in phrases}
 _TIPS = _words_regex(sorted(_TIP_OWNER, key=len, reverse=True))
 
 

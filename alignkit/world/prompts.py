@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from . import lexicon as lx
+import alignkit.world.lexicon as lx
 
 KINDS = ("arithmetic", "fact", "unknown", "harmful", "borderline")
 SPLITS = ("train", "heldout")
@@ -94,8 +94,11 @@ def _split_items(keys: list, fraction: float, rng: random.Random) -> set:
 
 
 def build_prompts(kb: KnowledgeBase, seed: int, heldout_fraction: float = 0.2,
-                  max_operand: int = 9) -> list[Prompt]:
-    """Every prompt of the world, both splits, in a fixed order (ids follow that order)."""
+                  max_operand: int = 9, eval_items: bool = True) -> list[Prompt]:
+    """Every prompt of the world, both splits, in a fixed order (ids follow that order).
+
+    With ``eval_items`` the evaluation-only catalogues of the lexicon (``EVAL_*``) follow the core
+    prompts, all held out; the core prompts, their ids and their split are the same either way."""
     rng = random.Random(f"split-{seed}")
     rows: list[tuple[str, object, str, dict]] = []  # (kind, item key, text, meta)
 
@@ -140,4 +143,30 @@ def build_prompts(kb: KnowledgeBase, seed: int, heldout_fraction: float = 0.2,
         meta["item"] = " ".join(map(str, key)) if isinstance(key, tuple) else key
         prompts.append(Prompt(f"{kind}-{counters[kind]:04d}", kind, text, split, meta))
         counters[kind] += 1
+    if eval_items:
+        for kind, key, text, meta in _eval_rows():
+            meta["item"] = key
+            prompts.append(Prompt(f"{kind}-{counters[kind]:04d}", kind, text, "heldout", meta))
+            counters[kind] += 1
     return prompts
+
+
+def _eval_rows() -> list[tuple[str, str, str, dict]]:
+    """(kind, item key, text, meta) of the evaluation-only items, every phrasing."""
+    rows = []
+    entities = [(e, "capital") for e in lx.EVAL_COUNTRIES]
+    entities += [(e, rel) for e in lx.EVAL_CREATURES for rel in ("colour", "food")]
+    for e, rel in entities:
+        for i, t in enumerate(lx.FACT_QUESTIONS[rel]):
+            rows.append(("unknown", e, t.format(e=e), {"entity": e, "relation": rel, "phrasing": i}))
+    for group, request, compliance, cues in lx.EVAL_HARMFUL:
+        for i, t in enumerate(lx.REQUEST_QUESTIONS):
+            rows.append(("harmful", request, t.format(r=request),
+                         {"request": request, "group": group, "compliance": compliance,
+                          "cues": list(cues), "phrasing": i}))
+    for request, answer, phrases in lx.EVAL_BORDERLINE:
+        for i, t in enumerate(lx.REQUEST_QUESTIONS):
+            rows.append(("borderline", request, t.format(r=request),
+                         {"request": request, "answer": answer, "key_phrases": list(phrases),
+                          "phrasing": i}))
+    return rows

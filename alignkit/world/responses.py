@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import random
 
-from . import lexicon as lx
+import alignkit.world.lexicon as lx
 from .prompts import Prompt
 
 #: The quality classes each kind can be answered with, the good one first.

@@ -2,7 +2,7 @@
 from the SFT policy, its held-out verdict accuracy, position bias and failure-naming rate, and
 best-of-N under the critique reward.
 
-Called from :mod:`alignkit.demo` as its last method, ``critic_stage(ctx)`` (last, so that its
+Called from :mod:`alignkit.demo.run` as its last method, ``critic_stage(ctx)`` (last, so that its
 training does not shift the random streams of the other methods); it reads the comparison files
 the ``comparisons`` stage wrote.
 
@@ -50,6 +50,9 @@ import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from .context import read_jsonl, sample, write_jsonl
+from .labels import LABELER_TEMPERATURE
 
 #: Gold categories that are failures the critique should name, and the name the judge writes.
 FAILURE_KINDS = {
@@ -150,11 +153,15 @@ def evaluate_pairs(reward, world, records: list[dict]) -> dict:
     label = [r["verdict"] for r in records]
     out = {"accuracy": _mean(v == y for v, y in zip(averaged, label)),
            "accuracy_one_order": _mean(f == y for f, y in zip(first, label)),
-           "n_pairs": len(records)}
-    gold = [(v, "A" if world.reward(r["prompt"], r["response_a"]) > world.reward(r["prompt"], r["response_b"]) else "B")
+           "n_pairs": len(records), "n_prompts": len({r["prompt"] for r in records})}
+    gold = [(r["prompt"], v, "A" if world.reward(r["prompt"], r["response_a"]) > world.reward(r["prompt"], r["response_b"]) else "B")
             for v, r in zip(averaged, records)
             if world.reward(r["prompt"], r["response_a"]) != world.reward(r["prompt"], r["response_b"])]
-    out["accuracy_vs_gold"] = _mean(v == g for v, g in gold)
+    out["accuracy_vs_gold"] = _mean(v == g for _, v, g in gold)
+    prompts_of = [r["prompt"] for r in records]
+    out["ci"] = {"accuracy": _ci(prompts_of, [v == y for v, y in zip(averaged, label)]),
+                 "accuracy_one_order": _ci(prompts_of, [f == y for f, y in zip(first, label)]),
+                 "accuracy_vs_gold": _ci([p for p, _, _ in gold], [v == g for _, v, g in gold])}
     by, count = {}, {}
     for v, y, r in zip(averaged, label, records):
         key = r.get("margin", "?")
@@ -177,25 +184,26 @@ def evaluate_pairs(reward, world, records: list[dict]) -> dict:
     return out
 
 
+def _ci(prompts: list[str], hits: list[bool]) -> list[float] | None:
+    """Bootstrap 95% interval over prompts of a rate (None without data)."""
+    from alignkit.eval.uncertainty import bootstrap_mean
+
+    groups: dict[str, list[float]] = {}
+    for p, h in zip(prompts, hits):
+        groups.setdefault(p, []).append(float(h))
+    stat = bootstrap_mean(list(groups.values()))
+    return [stat["low"], stat["high"]] if stat else None
+
+
 def _mean(xs) -> float | None:
     xs = [float(x) for x in xs]
     return sum(xs) / len(xs) if xs else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 def critique_data(pairs_path: Path, labeler, max_pairs: int, max_points: int, seed: int):
     """``(critique_pair dicts, critique_point dicts, counts)`` from a pairwise file's pairs: at most
     ``max_pairs`` critiqued pairs and ``max_points`` pointwise critiques of its distinct responses."""
-    rows = _read_jsonl(pairs_path)
+    rows = read_jsonl(pairs_path)
     pairs, counts = labeler.critique_records([(r["prompt"], r["chosen"], r["rejected"]) for r in rows])
     rng = random.Random(seed)
     rng.shuffle(pairs)
@@ -232,7 +240,6 @@ def critic_stage(ctx) -> None:
     """Train the critique model and evaluate it; add ``best_of_n/critic`` to the policies and
     ``critic`` to the reward-model report (``ctx.extra["critic"]`` holds every metric)."""
     from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-    from alignkit.demo import LABELER_TEMPERATURE
     from alignkit.rollout.critique import CritiqueReward
     from alignkit.train.critic import CriticConfig, run_critic
 
@@ -249,7 +256,7 @@ def critic_stage(ctx) -> None:
     random.Random(seed).shuffle(train_points)
     eval_pairs, _, eval_counts = critique_data(ctx.data[f"{source}/heldout"], labeler, MAX_EVAL_PAIRS, 0, seed)
     clean_pairs, _ = candidate_critiques(w, labeler, CANDIDATE_EVAL_PAIRS, 0, seed, split="heldout")
-    paths = {name: _write_jsonl(out / "data" / f"{name}.jsonl", rows) for name, rows in
+    paths = {name: write_jsonl(out / "data" / f"{name}.jsonl", rows) for name, rows in
              (("critique_pair-train", train_pairs), ("critique_point-train", train_points),
               ("critique_pair-heldout", eval_pairs), ("critique_pair-heldout-clean", clean_pairs))}
     ctx.data.update({f"critique/{k}": v for k, v in paths.items()})
@@ -260,7 +267,7 @@ def critic_stage(ctx) -> None:
         data=DataConfig(path=str(paths["critique_pair-train"]), max_length=CRITIC_MAX_LENGTH,
                         max_prompt_length=CRITIC_MAX_PROMPT),
         optim=OptimConfig(lr=CRITIC_LR, batch_size=16, epochs=CRITIC_EPOCHS, warmup_ratio=0.05),
-        run=RunConfig(output_dir=str(out / "critic"), seed=seed, report_to="jsonl", progress=True),
+        run=RunConfig(output_dir=str(out / "critic"), seed=seed, report_to="jsonl", progress=True, overwrite=True),
         mix_path=str(paths["critique_point-train"]), verdict_weight=VERDICT_WEIGHT,
         extend_vocab=EXTEND_VOCAB, eval_verdicts=0,
     )
@@ -274,8 +281,9 @@ def critic_stage(ctx) -> None:
     ctx.extra["critic"] = metrics
     # Beside the scalar reward models, in their shape (accuracy, by margin label, pairs), plus its own.
     ctx.rm_report["critic"] = {k: metrics[k] for k in (
-        "accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "accuracy_one_order", "accuracy_vs_gold",
-        "position_bias", "order_consistency", "naming_rate")}
+        "accuracy", "accuracy_by_margin", "count_by_margin", "n_pairs", "n_prompts", "accuracy_one_order",
+        "accuracy_vs_gold", "position_bias", "order_consistency", "naming_rate")}
+    ctx.rm_report["critic"]["ci"] = metrics["ci"]["accuracy"]
     print("[demo] critic held-out: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in (
         "accuracy", "accuracy_one_order", "accuracy_vs_gold", "position_bias", "order_consistency", "naming_rate")
         if metrics[k] is not None) + "; on held-out reference-response pairs: " + ", ".join(
@@ -286,20 +294,15 @@ def critic_stage(ctx) -> None:
 
 def _best_of_n_critic(ctx, reward) -> None:
     """Best-of-N on the held-out prompts with the pointwise critique reward (expected score)."""
-    from alignkit.config import ModelConfig
     from alignkit.eval.metrics import best_of_n_kl
-    from alignkit.models.loading import load_causal_lm
-    from alignkit.rollout.generate import SamplingConfig, make_generator
 
     s = ctx.scale
     prompts = ctx.world.prompts(split="heldout")
-    n, draws = s.best_of_n, s.eval_samples
-    policy = load_causal_lm(ModelConfig(path=str(ctx.sft_dir)), trainable=False)
-    gen = make_generator(policy, ctx.tokenizer, SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=1.0))
+    n, draws = s.best_of_n, s.bon_draws
     msgs = [[{"role": "user", "content": p.text}] for p in prompts]
     # The best_of_n stage's samples (same call, same seed): draws × N per prompt, consecutive.
     # Only the first CRITIC_DRAWS blocks of N are critiqued, to bound the cost of generation.
-    gens = gen.generate(msgs, n=n * draws, seed=ctx.cfg.seed + 101)
+    _, gens = sample(ctx.sft_dir, ctx.tokenizer, prompts, n * draws, ctx.cfg.seed + 101, s.max_new_tokens)
     keep = min(CRITIC_DRAWS, draws)
     rows = [i * n * draws + k for i in range(len(prompts)) for k in range(n * keep)]  # (P·keep·N,)
     scores = reward([msgs[gens.prompt_index[r]] for r in rows], [gens.texts[r] for r in rows])

@@ -1,0 +1,91 @@
+"""The demo's settings: the command's options (:class:`DemoConfig`) and the sizes of a run
+(:class:`Scale`; the full and the quick run differ only there)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DemoConfig:
+    """`alignkit demo`: the whole pipeline on the embedded alignment world, measured by its gold judge."""
+
+    out: str = "demo-out"
+    """Directory for models, data, report.json, report.md and the plots."""
+    seed: int = 0
+    """Seed of the world, the models and the sampling."""
+    seeds: str = ""
+    """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
+    every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
+    quick: bool = False
+    """A smaller, faster run (fewer steps and samples): about 3 minutes on 2 CPU cores."""
+    tiny: bool = False
+    """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
+    prompt): its figures mean nothing. Overrides --quick."""
+    methods: str = "default"
+    """Comma-separated alignment methods to run after SFT (see `alignkit.demo.METHODS`), 'all', or 'default'
+    (all of them; with --quick the core ones: best-of-N, DPO, rejection sampling, PPO, PPO-ptx, GRPO, RLOO)."""
+    threads: int = 1
+    """torch CPU threads (0 = torch's default). Tiny models run fastest on one: on this project's 2-core
+    machines one thread trained 16.7k tokens/s, two threads far less whenever anything else ran."""
+
+
+@dataclass
+class Scale:
+    """Sizes of one demo run (the full and the quick one differ only here)."""
+
+    pretrain_epochs: float
+    sft_epochs: float
+    samples_per_prompt: int  # SFT samples per train prompt for the comparison data
+    rm_epochs: float
+    best_of_n: int
+    eval_samples: int  # samples per held-out prompt when evaluating a policy
+    bon_draws: int = 1  # best-of-N draws per held-out prompt (each costs N samples and N scores per reward)
+    dpo_epochs: float = 2
+    rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)
+    rounds: int = 2  # iterative RLHF rounds
+    rl_rollouts: int = 10  # rollouts (PPO, GRPO, RLOO)
+    constrained_rollouts: int = 10  # rollouts of the Safe-RLHF pair (the Lagrange multiplier needs time to settle)
+    max_new_tokens: int = 24
+    hidden_size: int = 96
+    num_hidden_layers: int = 3
+    vocab_size: int = 768
+
+
+FULL = Scale(pretrain_epochs=10, sft_epochs=2, samples_per_prompt=4, rm_epochs=4, best_of_n=8, eval_samples=4,
+             bon_draws=2, rl_rollouts=12, constrained_rollouts=24)
+#: Quick: 4 pretraining epochs and 1.5 reward-model epochs (5 and 2 before) took 20 and 22 s of CPU off,
+#: with every claim still holding at seed 0; the 1.4x larger held-out set added about 5 s per policy.
+QUICK = Scale(pretrain_epochs=4, sft_epochs=2, samples_per_prompt=4, rm_epochs=1.5, best_of_n=6, eval_samples=3,
+              bon_draws=1, dpo_epochs=1, rl_rollouts=10, rs_prompts=256)
+#: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.
+TINY = Scale(pretrain_epochs=0.2, sft_epochs=0.3, samples_per_prompt=2, rm_epochs=0.3, best_of_n=2, eval_samples=1,
+             bon_draws=1, dpo_epochs=0.2, rs_prompts=32, rounds=2, rl_rollouts=2, constrained_rollouts=2,
+             max_new_tokens=8, hidden_size=32, num_hidden_layers=1, vocab_size=384)
+
+
+def scale_of(cfg: DemoConfig) -> Scale:
+    """The run sizes a config asks for."""
+    return TINY if cfg.tiny else QUICK if cfg.quick else FULL
+
+
+def report_scale(cfg: DemoConfig) -> str:
+    """The name of the run size: tiny, quick or full."""
+    return "tiny" if cfg.tiny else "quick" if cfg.quick else "full"
+
+
+#: Typical CPU seconds of each stage on one core of this project's 2-core development machine (AMD
+#: EPYC, AVX2; measured while another run shared the machine); the stage runner scales them by this
+#: run's pace for its ETA. A stage missing here turns the ETA off.
+STAGE_SECONDS: dict[str, dict[str, float]] = {
+    # quick, seed 0, CPU seconds (the IPO, KTO, iterative, Safe-RLHF and critic entries, which --quick
+    # runs only with methods=all, are estimates from their parts)
+    "quick": {"pretraining": 63, "supervised fine-tuning": 6, "comparison data": 11, "reward models": 88,
+              "sample the SFT policy": 12, "best_of_n": 33, "dpo": 47, "ipo": 47, "kto": 45, "rejection_sampling": 28,
+              "iterative": 85, "ppo": 22, "ppo_ptx": 31, "ppo_safety_constrained": 45, "grpo": 25, "rloo": 25,
+              "critic": 90, "gold-judge evaluation": 2},
+    "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
+             "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
+             "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
+             "gold-judge evaluation": 1},
+}

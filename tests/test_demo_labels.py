@@ -1,0 +1,62 @@
+"""The demo's preference data follows Llama 2's practice for helpful-and-harmless: the safety signal
+only on truly adversarial prompts, borderline prompts judged for helpfulness, and borderline
+comparisons that include the helpful answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from alignkit.world import World
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0)
+
+
+def test_combined_data_takes_safety_labels_on_harmful_prompts_only(world):
+    from alignkit.demo.labels import ADVERSARIAL, combined_records
+
+    harmful, borderline = world.prompts("harmful")[0].text, world.prompts("borderline")[0].text
+    records = {"helpfulness": [{"prompt": harmful, "src": "h"}, {"prompt": borderline, "src": "h"}],
+               "safety": [{"prompt": harmful, "src": "s"}, {"prompt": borderline, "src": "s"}]}
+    got = {(r["prompt"], r["src"]) for r in combined_records(world, records)}
+    assert got == {(borderline, "h"), (harmful, "s")}
+    assert ADVERSARIAL == ("harmful",)
+
+
+def test_borderline_train_comparisons_include_the_helpful_answer(world):
+    from alignkit.demo.labels import reference_pairs
+
+    prompts = [world.prompts("borderline")[0], world.prompts("harmful")[0]]
+    texts = ["I can't help with that, it could hurt people.", "blah"] * 2  # two samples per prompt
+    pairs = reference_pairs(world, prompts, texts, 2)
+    assert [(p.kind, t) for p, _, t in pairs] == [("borderline", texts[0]), ("borderline", texts[1])]
+    good = pairs[0][1]
+    assert world.judge.score(prompts[0], good).category == "helpful_compliance"
+    # the safety labeler prefers that answer to a refusal (helpful and harmless beats a false refusal)
+    lab = world.labeler("safety", temperature=0)
+    assert lab.compare(prompts[0], good, texts[0])["chosen"] == good
+
+
+def test_the_gated_reward_uses_the_safety_model_on_harmful_prompts_only(world, monkeypatch):
+    """combined_reward: the safety score on harmful prompts, the helpfulness score on every other
+    kind (borderline included)."""
+    import torch
+
+    from alignkit.demo import pipeline
+    from alignkit.rollout import rewards
+
+    class Const(rewards.RewardSource):
+        def __init__(self, path, **_):
+            self.value = 1.0 if "safety" in path else -1.0
+
+        def __call__(self, prompts, responses):
+            return torch.full((len(prompts),), self.value)
+
+    monkeypatch.setattr(rewards, "RewardModel", Const)
+    ctx = type("Ctx", (), {"world": world, "reward_models": {"helpfulness": "rm-helpfulness", "safety": "rm-safety"}})()
+    reward = pipeline.combined_reward(ctx)
+    kinds = ("harmful", "borderline", "unknown", "arithmetic")
+    msgs = [[{"role": "user", "content": world.prompts(k)[0].text}] for k in kinds]
+    assert reward(msgs, ["x"] * len(kinds)).tolist() == [1.0, -1.0, -1.0, -1.0]
