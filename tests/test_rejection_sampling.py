@@ -68,3 +68,9 @@ def test_cli(tiny_dir, tmp_path):
     code = main(["rs", f"model.path={tiny_dir}", f"data.path={data}", f"reward_models=[{rm}]", "num_samples=2",
                  "max_new_tokens=6", f"run.output_dir={tmp_path / 'out'}", "run.progress=false"])
     assert code == 0 and (tmp_path / "out" / "config.json").exists()
+    # A second run into the finished folder is refused; run.overwrite replaces the model.
+    assert main(["rs", f"model.path={tiny_dir}", f"data.path={data}", f"reward_models=[{rm}]", "num_samples=2",
+                 "max_new_tokens=6", f"run.output_dir={tmp_path / 'out'}", "run.progress=false"]) == 1
+    assert main(["rs", f"model.path={tiny_dir}", f"data.path={data}", f"reward_models=[{rm}]", "num_samples=2",
+                 "max_new_tokens=6", f"run.output_dir={tmp_path / 'out'}", "run.progress=false", "run.overwrite=true"]) == 0
+

@@ -15,6 +15,8 @@ a round can buy; metrics are defined in docs/rl.md.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -86,6 +88,12 @@ def sft_items_from(gens: Generations, rows: list[int]) -> list[dict]:
 
 def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: RewardSource | None = None) -> OnlineResult:
     """Rejection-sampling fine-tuning of ``cfg.model.path``; saves the policy to ``cfg.run.output_dir``."""
+    from alignkit.train.outputs import claim_output_dir
+
+    # Each round's engine checks its own folder (round-r); the final policy's folder is checked
+    # here, before any sampling: a finished model in it is refused unless run.overwrite.
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_output_dir(cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite)
     tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)  # the fine-tuning steps' log-probs
