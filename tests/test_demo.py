@@ -249,7 +249,7 @@ def test_readme_section_is_generated_from_a_report(tmp_path):
                         {"id": "b", "expected": "y falls", "holds": False, "holds_on": [0, 2], "texts": {"0": "u0", "1": "u1"}}]}
     text = section(multi, "m.json")
     assert "--seeds 0,1,2" in text and "520 s of CPU per seed" in text
-    assert "| dpo | +0.200 [+0.100, +0.300] | 2% [0, 5] |" in text  # a rate's interval is clipped at 0
+    assert "| dpo | 0.200 [0.100, 0.300] | 2% [0, 5] |" in text  # a rate's interval is clipped at 0
     assert "Y falls (held on seeds [0, 2] of [0, 1, 2])" in text.split("did not appear")[1]
 
     readme = tmp_path / "README.md"

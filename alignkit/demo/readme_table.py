@@ -32,7 +32,7 @@ def _cell(value, low, high, pct: bool, digits: int) -> str:
     if pct:
         lo, hi = max(0.0, low) if low is not None else None, min(1.0, high) if high is not None else None
         return f"{100 * value:.0f}%" + (f" [{100 * lo:.0f}, {100 * hi:.0f}]" if lo is not None else "")
-    return f"{value:+.{digits}f}" + (f" [{low:+.{digits}f}, {high:+.{digits}f}]" if low is not None else "")
+    return f"{value:.{digits}f}" + (f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None else "")
 
 
 def _figure(p: dict, key: str, multi: bool):
