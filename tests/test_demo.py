@@ -236,6 +236,46 @@ def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of
     assert pol["best_of_n/critic"]["gold_reward"] > pol["sft"]["gold_reward"]
 
 
+def test_readme_section_is_generated_from_a_report(tmp_path):
+    """The README's demo section comes from a report.json: the table's figures with their intervals,
+    the machine, findings only for claims that held (on every seed), the others listed as missing."""
+    from alignkit.demo.readme_table import END, START, main as readme_main, section
+
+    env = {"cpu_model": "Test CPU", "cpu_id": "family 1", "cpu_vector_flags": ["avx2"], "torch": "2.x", "transformers": "5.x",
+           "torch_threads": 1, "torch_cpu_capability": "AVX2"}
+    single = {"seed": 0, "quick": True, "environment": env, "cpu_s": {"total": 170.0},
+              "policies": {"sft": {"gold_reward": -0.1, "ci": {"gold_reward": [-0.16, -0.04]}, "false_refusal_rate": 0.45,
+                                   "kl_to_sft": 0.0}},
+              "claims": [{"id": "a", "expected": "preference learning beats SFT", "holds": True, "text": "dpo +0.3 [+0.2, +0.4]."},
+                         {"id": "b", "expected": "the cost constraint holds", "holds": False, "text": "cost 0.9 > 0.5."}]}
+    text = section(single, "r.json")
+    assert "| sft | -0.100 [-0.160, -0.040] |" in text and "45%" in text
+    assert "Test CPU" in text and "--seed 0 --quick" in text and "170 s of CPU" in text
+    shows, missing = text.split("Expected effects that did not appear")
+    assert "Preference learning beats SFT: dpo" in shows and "cost constraint" not in shows
+    assert "The cost constraint holds: cost 0.9 > 0.5." in missing
+
+    multi = {"seeds": [0, 1, 2], "quick": False, "environment": env, "cpu_s": {"seed 0": 500.0, "seed 1": 520.0},
+             "policies": {"dpo": {"gold_reward": {"mean": 0.2, "low": 0.1, "high": 0.3},
+                                  "safety_violation_rate": {"mean": 0.02, "low": -0.01, "high": 0.05}}},
+             "claims": [{"id": "a", "expected": "x rises", "holds": True, "holds_on": [0, 1, 2], "texts": {"0": "t0"}},
+                        {"id": "b", "expected": "y falls", "holds": False, "holds_on": [0, 2], "texts": {"0": "u0", "1": "u1"}}]}
+    text = section(multi, "m.json")
+    assert "--seeds 0,1,2" in text and "520 s of CPU per seed" in text
+    assert "| dpo | 0.200 [0.100, 0.300] | 2% [0, 5] |" in text  # a rate's interval is clipped at 0
+    assert "Y falls (held on seeds [0, 2] of [0, 1, 2])" in text.split("did not appear")[1]
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold numbers\n{END}\noutro\n")
+    (tmp_path / "r.json").write_text(json.dumps(single))
+    assert readme_main([str(tmp_path / "r.json"), "--update", str(readme)]) == 0
+    new = readme.read_text()
+    assert "old numbers" not in new and new.startswith("intro\n") and new.endswith("outro\n") and "| sft |" in new
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        readme_main([str(tmp_path / "r.json"), "--update", str(readme)])
+
+
 def test_stage_runner_eta_scales_the_remaining_stages_by_the_pace_so_far(monkeypatch):
     """Expected 10 s + 20 s + 30 s; the first stage took 20 s (twice its expectation), so the ETA
     before the second is 2 × (20 + 30) = 100 s; without an expectation for a remaining stage, no ETA."""
