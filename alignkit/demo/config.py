@@ -88,7 +88,10 @@ STAGE_SECONDS: dict[str, dict[str, float]] = {
               "iterative": 85, "ppo": 22, "ppo_ptx": 31, "ppo_safety_constrained": 45, "grpo": 25, "rloo": 25,
               "critic": 90, "gold-judge evaluation": 2},
     # full, seed 0, CPU seconds (the run docs/demo-report.json holds)
-    "full": {"pretraining": 132, "supervised fine-tuning": 6, "comparison data": 11, "reward models": 145, "sample the SFT policy": 16, "best_of_n": 86, "dpo": 60, "ipo": 59, "kto": 46, "rejection_sampling": 68, "iterative": 179, "ppo": 29, "ppo_ptx": 42, "ppo_safety_constrained": 67, "grpo": 34, "rloo": 32, "critic": 193, "gold-judge evaluation": 3},
+    "full": {"pretraining": 132, "supervised fine-tuning": 6, "comparison data": 11, "reward models": 145,
+             "sample the SFT policy": 16, "best_of_n": 86, "dpo": 60, "ipo": 59, "kto": 46, "rejection_sampling": 68,
+             "iterative": 179, "ppo": 29, "ppo_ptx": 42, "ppo_safety_constrained": 67, "grpo": 34, "rloo": 32,
+             "critic": 193, "gold-judge evaluation": 3},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
