@@ -228,12 +228,10 @@ def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of
     # held-out pairs of the world's reference responses: well above chance, in both orders
     assert critic["clean"]["accuracy"] >= 0.6, critic["clean"]
     assert abs(critic["clean"]["position_bias"]) < 0.2
-    # as one more reward in best-of-N it picks better samples than the SFT policy's average
-    pol = report["policies"]
-    # Above SFT; by how much moved with the larger held-out set (quick seed 0 after the merge with
-    # the engine: +0.018, where the smaller set gave more than +0.03). The report's paired interval
-    # says whether the gain is a finding.
-    assert pol["best_of_n/critic"]["gold_reward"] > pol["sft"]["gold_reward"]
+    # as one more reward in best-of-N it is not worse than the SFT policy (on the 471 held-out prompts,
+    # quick scale, seed 0: +0.018 [-0.063, +0.094]; a gain is not shown at this scale)
+    d = report["policies"]["best_of_n/critic"]["vs_sft"]["gold_reward"]
+    assert d["high"] > 0, d
 
 
 def test_readme_section_is_generated_from_a_report(tmp_path):

@@ -18,7 +18,8 @@ class DemoConfig:
     """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
-    """A smaller, faster run (fewer steps and samples): about 3 minutes on 2 CPU cores."""
+    """A smaller, faster run (fewer steps and samples, the core methods): about 400 s of one core of this project's
+    2-core AVX2 machine, half that on faster ones (the full run: about 1,200 s here)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
     prompt): its figures mean nothing. Overrides --quick."""
@@ -86,6 +87,11 @@ STAGE_SECONDS: dict[str, dict[str, float]] = {
               "sample the SFT policy": 12, "best_of_n": 33, "dpo": 47, "ipo": 47, "kto": 45, "rejection_sampling": 28,
               "iterative": 85, "ppo": 22, "ppo_ptx": 31, "ppo_safety_constrained": 45, "grpo": 25, "rloo": 25,
               "critic": 90, "gold-judge evaluation": 2},
+    # full, seed 0, CPU seconds (the run docs/demo-report.json holds)
+    "full": {"pretraining": 132, "supervised fine-tuning": 6, "comparison data": 11, "reward models": 145,
+             "sample the SFT policy": 16, "best_of_n": 86, "dpo": 60, "ipo": 59, "kto": 46, "rejection_sampling": 68,
+             "iterative": 179, "ppo": 29, "ppo_ptx": 42, "ppo_safety_constrained": 67, "grpo": 34, "rloo": 32,
+             "critic": 193, "gold-judge evaluation": 3},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
