@@ -166,13 +166,6 @@ class RunConfig:
     """Log-probs of sft, dpo, kto, critic, rs: 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
 
 
-# run.max_nonfinite_steps is range-checked (≥ 1) like every number; the entry is made here until the
-# check table (alignkit/config_checks.py, LEAF_CHECKS) lists it beside the other run fields.
-from alignkit.config_checks import COUNT as _COUNT, LEAF_CHECKS as _LEAF_CHECKS  # noqa: E402
-
-_LEAF_CHECKS.setdefault("max_nonfinite_steps", _COUNT)
-
-
 # --------------------------------------------------------------------------------------------
 # Reading field docs, building, overriding
 # --------------------------------------------------------------------------------------------

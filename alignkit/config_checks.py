@@ -92,7 +92,7 @@ LEAF_CHECKS: dict[str, Check] = {
     "warmup_ratio": PROBABILITY, "max_grad_norm": at_least(0),
     # run
     "seed": SEED, "eval_every": OPTIONAL, "save_every": OPTIONAL, "keep_checkpoints": COUNT,
-    "log_every": COUNT, "threads": OPTIONAL,
+    "log_every": COUNT, "threads": OPTIONAL, "max_nonfinite_steps": COUNT,
     # reward models
     "reward_scale": above(0), "center_rewards_coefficient": at_least(0),
     # DPO / KTO
