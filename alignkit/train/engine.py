@@ -44,7 +44,7 @@ import torch
 
 from alignkit.config import OptimConfig, RunConfig
 from alignkit.numerics import FIXES, NonFiniteError
-from alignkit.train.outputs import CHECKPOINT_DIR, STATE_FILE
+from alignkit.train.outputs import CHECKPOINT_DIR, STATE_FILE, checkpoint_step, resumable_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +218,7 @@ def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint folder of ``output_dir`` (one with its state file), or None."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.exists():
-        return None
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return next(iter(resumable_checkpoints(output_dir)), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +402,7 @@ class Engine:
             (tmp / STATE_FILE).write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)  # atomic: a checkpoint directory is complete or absent
-            old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            old = sorted(root.glob("step-*"), key=checkpoint_step)
             for p in old[: max(0, len(old) - self.run.keep_checkpoints)]:
                 shutil.rmtree(p, ignore_errors=True)
         self.acc.wait_for_everyone()
