@@ -216,3 +216,116 @@ def test_loss_reductions_do_not_depend_on_the_split():
     w, units = LOSS_REDUCTIONS["sequence"](mask)
     per_seq = [(losses[i] * mask[i]).sum() / mask[i].sum() for i in range(1, 6)]
     assert torch.allclose((losses * w * mask).sum() / units, torch.stack(per_seq).sum() / 6)
+
+
+# ---- the decode loop: each sample equals model.generate on its prompt alone ------------------------
+
+_PROMPTS = [[{"role": "user", "content": "Hi"}],
+            [{"role": "user", "content": "What is the colour of item 12 and item 13 and the fox, and why?"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count."}],
+            [{"role": "user", "content": "Tell me about the river and the old mill."}]]
+
+
+class _DrawFrom:
+    """Reference sampler for ``model.generate``: draw from softmax(scores) with one given stream."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def __call__(self, input_ids, scores):
+        token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.rng)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def _reference(model, tok, gen: HFGenerator, prompt_ids: list[int], seed: int | None) -> list[int]:
+    """``model.generate`` on one prompt (no padding, no batch), greedy or drawing from ``seed``'s stream."""
+    from transformers import LogitsProcessorList
+
+    procs = LogitsProcessorList(list(gen._processors()) + ([_DrawFrom(torch.Generator().manual_seed(seed))] if seed is not None else []))
+    out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=gen.sampling.max_new_tokens, eos_token_id=gen.stop_ids, pad_token_id=tok.pad_token_id,
+                         do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=procs)
+    new = out[0, len(prompt_ids):].tolist()
+    stop = next((k for k, t in enumerate(new) if t in gen.stop_ids), None)
+    return new if stop is None else new[: stop + 1]
+
+
+def _favour_eos(model, tok, bump: float = 4.5):
+    """Raise the EOS logit so that samples stop at different lengths (a random tiny model rarely stops)."""
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[..., tok.eos_token_id] += bump
+        return out
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_every_sample_equals_generate_on_its_prompt_alone(tiny_dir, tiny_tokenizer, temperature, top_p):
+    """Sorted batches, shared prefills, dropped finished rows and the order restored: sample j (in
+    the caller's order) is exactly what ``model.generate`` gives for its prompt alone, greedy or
+    drawing from sample j's own stream."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir))).eval()
+    _favour_eos(model, tiny_tokenizer)
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=top_p,
+                                                            generation_batch_size=5))
+    gens = gen.generate(_PROMPTS, n=3, seed=11)
+    assert gens.prompt_index == [i for i in range(4) for _ in range(3)]
+    seeds = gen.sample_seeds(12, 11) if temperature > 0 else [None] * 12
+    lengths = set()
+    for j, (ids, resp, fin) in enumerate(zip(gens.prompt_ids, gens.response_ids, gens.finished)):
+        assert resp == _reference(model, tiny_tokenizer, gen, ids, seeds[j]), j
+        assert fin == (resp[-1] in gen.stop_ids)
+        lengths.add(len(resp))
+    if temperature > 0:  # (greedy with the EOS bump stops at once)
+        assert len(lengths) > 1  # rows stopped at different steps: the dropping was exercised
+
+
+def test_samples_do_not_depend_on_the_batching(tiny_dir, tiny_tokenizer):
+    """generation_batch_size (1, 4, 64) changes which samples share a batch and their order in it,
+    never a sample: each draws from its own stream and comes back at its own place."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    _favour_eos(model, tiny_tokenizer)
+    outs = [HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=8, generation_batch_size=b)).generate(
+        _PROMPTS, n=2, seed=3) for b in (1, 4, 64)]
+    assert outs[0].response_ids == outs[1].response_ids == outs[2].response_ids
+    assert outs[0].prompt_index == outs[2].prompt_index == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def _forward_rows(model):
+    """Record (rows, width, padding tokens) of every forward call."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        ids, att = kwargs["input_ids"], kwargs["attention_mask"]
+        calls.append((ids.shape[0], ids.shape[1], int((att[:, : ids.shape[1]] == 0).sum()) if ids.shape[1] > 1 else 0))
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_prefill_once_per_prompt_sorted_by_length_and_finished_rows_leave(tiny_dir, tiny_tokenizer):
+    """The three savings, counted on the model's forward calls: each distinct prompt is prefilled
+    once for its n samples; batches are cut from the length-sorted prompts (the least padding);
+    a finished sample is never computed again (decode rows = Σ (response length − 1))."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    _favour_eos(model, tiny_tokenizer)
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=10, generation_batch_size=4))
+    prompts = [_PROMPTS[0], _PROMPTS[1], _PROMPTS[2], _PROMPTS[3]]  # short, long, short, long
+    calls = _forward_rows(model)
+    gens = gen.generate(prompts, n=2, seed=5)
+    prefills = [c for c in calls if c[1] > 1]
+    decodes = [c for c in calls if c[1] == 1]
+    assert [rows for rows, _, _ in prefills] == [2, 2]  # 4 samples = 2 prompts x 2 per batch, each prompt once
+    lengths = sorted((len(ids) for ids in gen.generate(prompts).prompt_ids), reverse=True)
+    sorted_padding = (lengths[0] - lengths[1]) + (lengths[2] - lengths[3])
+    assert sum(pad for _, _, pad in prefills) == sorted_padding
+    assert sum(rows for rows, _, _ in decodes) == sum(len(r) - 1 for r in gens.response_ids)
+    assert any(len(r) < 10 for r in gens.response_ids)
