@@ -6,8 +6,8 @@
 The first ``--prompts`` HH-RLHF prompts (``shared/data/hh-rlhf-harmless-sample.jsonl`` beside the
 repository) are sampled with alignkit's generator (``alignkit.rollout.generate``: float32, one
 torch thread, temperature 1, ``--new-tokens`` new tokens at most, stop at end of turn / EOS). Then
-the SAME prompt + response token sequences go through one teacher-forced forward (padded batch,
-no sampling): the cost of the tokens themselves, which generation cannot beat on this machine.
+the SAME prompt + response token sequences go through a teacher-forced forward (each sequence
+alone: no padding, no sampling): the cost of the tokens themselves, which generation cannot beat on this machine.
 
 Printed: CPU seconds of each (this process, ``time.process_time``: the cores are shared, CPU time
 is far less disturbed than wall time), generated tokens per CPU-second, and the gap
@@ -44,24 +44,21 @@ def hh_prompt_ids(tokenizer, n: int, max_prompt_length: int) -> list[list[int]]:
     return [it["prompt_ids"] for it in items[:n]]
 
 
-def teacher_forced(model, seqs: list[list[int]], pad: int) -> None:
-    """One forward of the padded sequences (what sampling them would cost without the token-by-token loop)."""
+def teacher_forced(model, seqs: list[list[int]]) -> None:
+    """A forward of each sequence alone (no padding, no sampling): what computing these tokens costs
+    without the token-by-token loop."""
     import torch
 
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s)
-        att[r, width - len(s):] = 1
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=att, use_cache=False)
+        for s in seqs:
+            model(input_ids=torch.tensor([s]), use_cache=False)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="local HF directory, or 'smollm2'")
     p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--n", type=int, default=1, help="samples per prompt (GRPO's group size)")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--max-prompt-length", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=8, help="sampling.generation_batch_size")
@@ -86,17 +83,17 @@ def main() -> None:
     best = {"generate": float("inf"), "forward": float("inf")}
     for _ in range(args.repeats):
         c0 = time.process_time()
-        out = gen.generate_ids(prompts, n=1, seed=args.seed)
+        out = gen.generate_ids(prompts, n=args.n, seed=args.seed)
         best["generate"] = min(best["generate"], time.process_time() - c0)
         seqs = [pr + r for pr, r in zip(out.prompt_ids, out.response_ids)]
         c0 = time.process_time()
-        teacher_forced(model, seqs, tok.pad_token_id)
+        teacher_forced(model, seqs)
         best["forward"] = min(best["forward"], time.process_time() - c0)
     new = sum(map(len, out.response_ids))
-    res = {"model": args.model, "prompts": len(prompts), "new_tokens": new, "prompt_tokens": sum(map(len, prompts)),
+    res = {"model": args.model, "prompts": len(prompts), "new_tokens": new, "n": args.n, "prompt_tokens": sum(map(len, prompts)),
            "finished": sum(out.finished), "generate_cpu_s": best["generate"], "forward_cpu_s": best["forward"],
            "gen_tok_per_cpu_s": new / best["generate"], "gap": best["generate"] / best["forward"]}
-    print(f"{args.model}: {len(prompts)} prompts ({res['prompt_tokens']} tokens), {new} tokens sampled "
+    print(f"{args.model}: {len(prompts)} prompts ({res['prompt_tokens']} tokens) x {args.n}, {new} tokens sampled "
           f"({res['finished']} finished), float32, 1 thread, best of {args.repeats}")
     print(f"  generate   {best['generate']:7.2f} CPU-s  {new / best['generate']:7.1f} new tok/CPU-s")
     print(f"  forward    {best['forward']:7.2f} CPU-s  (same prompt + response tokens, teacher-forced)")
