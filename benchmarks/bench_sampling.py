@@ -81,10 +81,23 @@ def main() -> None:
     gen = make_generator(model, tok, SamplingConfig(max_new_tokens=args.new_tokens, generation_batch_size=args.batch_size),
                          args.max_prompt_length)
     best = {"generate": float("inf"), "forward": float("inf")}
+    split = {"prefill": 0.0, "decode": 0.0}  # CPU-s inside the model's forward, by kind of call (last repeat)
+
+    def pre(module, a, kw):
+        module._c0 = time.process_time()
+
+    def post(module, a, kw, out):
+        ids = kw.get("input_ids") if kw.get("input_ids") is not None else a[0]
+        split["decode" if ids.shape[1] == 1 else "prefill"] += time.process_time() - module._c0
+
     for _ in range(args.repeats):
+        hooks = [model.register_forward_pre_hook(pre, with_kwargs=True), model.register_forward_hook(post, with_kwargs=True)]
+        split.update(prefill=0.0, decode=0.0)
         c0 = time.process_time()
         out = gen.generate_ids(prompts, n=args.n, seed=args.seed)
         best["generate"] = min(best["generate"], time.process_time() - c0)
+        for h in hooks:
+            h.remove()
         seqs = [pr + r for pr, r in zip(out.prompt_ids, out.response_ids)]
         c0 = time.process_time()
         teacher_forced(model, seqs)
@@ -92,10 +105,13 @@ def main() -> None:
     new = sum(map(len, out.response_ids))
     res = {"model": args.model, "prompts": len(prompts), "new_tokens": new, "n": args.n, "prompt_tokens": sum(map(len, prompts)),
            "finished": sum(out.finished), "generate_cpu_s": best["generate"], "forward_cpu_s": best["forward"],
-           "gen_tok_per_cpu_s": new / best["generate"], "gap": best["generate"] / best["forward"]}
+           "gen_tok_per_cpu_s": new / best["generate"],
+           "prefill_forward_cpu_s": split["prefill"], "decode_forward_cpu_s": split["decode"], "gap": best["generate"] / best["forward"]}
     print(f"{args.model}: {len(prompts)} prompts ({res['prompt_tokens']} tokens) x {args.n}, {new} tokens sampled "
           f"({res['finished']} finished), float32, 1 thread, best of {args.repeats}")
     print(f"  generate   {best['generate']:7.2f} CPU-s  {new / best['generate']:7.1f} new tok/CPU-s")
+    print(f"    in the model: prefill forwards {split['prefill']:.2f} CPU-s, one-token forwards {split['decode']:.2f} CPU-s; "
+          f"the rest (sampling, bookkeeping) {best['generate'] - split['prefill'] - split['decode']:.2f} CPU-s")
     print(f"  forward    {best['forward']:7.2f} CPU-s  (same prompt + response tokens, teacher-forced)")
     print(f"  gap        {res['gap']:7.2f}x")
     if args.json:

@@ -302,16 +302,19 @@ def _forward_rows(model):
     calls = []
 
     def hook(module, args, kwargs):
-        ids, att = kwargs["input_ids"], kwargs["attention_mask"]
-        calls.append((ids.shape[0], ids.shape[1], int((att[:, : ids.shape[1]] == 0).sum()) if ids.shape[1] > 1 else 0))
+        ids, att = kwargs["input_ids"], kwargs.get("attention_mask")
+        pads = int((att[:, : ids.shape[1]] == 0).sum()) if att is not None and ids.shape[1] > 1 else 0
+        calls.append((ids.shape[0], ids.shape[1], pads))
     model.register_forward_pre_hook(hook, with_kwargs=True)
     return calls
 
 
-def test_prefill_once_per_prompt_sorted_by_length_and_finished_rows_leave(tiny_dir, tiny_tokenizer):
-    """The three savings, counted on the model's forward calls: each distinct prompt is prefilled
-    once for its n samples; batches are cut from the length-sorted prompts (the least padding);
-    a finished sample is never computed again (decode rows = Σ (response length − 1))."""
+@pytest.mark.parametrize("unpadded", [True, False])
+def test_prefill_once_per_prompt_sorted_by_length_and_finished_rows_leave(tiny_dir, tiny_tokenizer, unpadded, monkeypatch):
+    """The savings, counted on the model's forward calls: each distinct prompt is prefilled once
+    for its n samples (alone, without padding; or, for a cache the loop cannot pad, in one
+    left-padded batch); batches are cut from the length-sorted prompts; a finished sample is never
+    computed again (decode rows = Σ (response length − 1)). Both prefills give the same samples."""
     from alignkit.config import ModelConfig
     from alignkit.models.loading import load_causal_lm
 
@@ -319,13 +322,20 @@ def test_prefill_once_per_prompt_sorted_by_length_and_finished_rows_leave(tiny_d
     _favour_eos(model, tiny_tokenizer)
     gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=10, generation_batch_size=4))
     prompts = [_PROMPTS[0], _PROMPTS[1], _PROMPTS[2], _PROMPTS[3]]  # short, long, short, long
+    lengths = [len(ids) for ids in gen.generate(prompts).prompt_ids]
+    expected = gen.generate(prompts, n=2, seed=5).response_ids
+    if not unpadded:
+        monkeypatch.setattr(HFGenerator, "_prefill_unpadded", lambda self, *a: (None, None))
     calls = _forward_rows(model)
     gens = gen.generate(prompts, n=2, seed=5)
+    assert gens.response_ids == expected
     prefills = [c for c in calls if c[1] > 1]
     decodes = [c for c in calls if c[1] == 1]
-    assert [rows for rows, _, _ in prefills] == [2, 2]  # 4 samples = 2 prompts x 2 per batch, each prompt once
-    lengths = sorted((len(ids) for ids in gen.generate(prompts).prompt_ids), reverse=True)
-    sorted_padding = (lengths[0] - lengths[1]) + (lengths[2] - lengths[3])
-    assert sum(pad for _, _, pad in prefills) == sorted_padding
+    by_length = sorted(lengths, reverse=True)
+    if unpadded:  # one call per distinct prompt, longest first, no padding
+        assert prefills == [(1, n, 0) for n in by_length]
+    else:  # 4 samples = 2 prompts x 2 per batch, each prompt once, the long ones together
+        assert [rows for rows, _, _ in prefills] == [2, 2]
+        assert sum(pad for _, _, pad in prefills) == (by_length[0] - by_length[1]) + (by_length[2] - by_length[3])
     assert sum(rows for rows, _, _ in decodes) == sum(len(r) - 1 for r in gens.response_ids)
     assert any(len(r) < 10 for r in gens.response_ids)

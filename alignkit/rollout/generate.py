@@ -195,6 +195,31 @@ class HFGenerator(Generator):
         texts = [tok.decode([t for t in r if t not in stops], skip_special_tokens=True).strip() for r in out_resp]
         return Generations([list(ids) for _, ids in expanded], out_resp, texts, out_fin, [i for i, _ in expanded])
 
+    def _prefill_unpadded(self, prompts: list[list[int]], width: int, device):
+        """Each prompt's KV cache computed alone (no padding, causal attention without a mask),
+        then left-padded with zeros to ``width`` and stacked: the padding costs no compute (its keys
+        are masked in every later step). Returns (cache, last-position logits (u, V)), or
+        (None, None) when the model's cache is not made of plain growing layers (sliding windows,
+        static or quantised caches): the caller then prefills one padded batch."""
+        from transformers.cache_utils import DynamicLayer
+
+        caches, logits = [], []
+        for ids in prompts:
+            out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+            cache = _cache_of(out)
+            if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+                return None, None
+            caches.append(cache)
+            logits.append(out.logits[:, -1, :].float())  # (1, V)
+        if len(caches) > 1:
+            first = caches[0]
+            for n, layer in enumerate(first.layers):  # (u, heads, width, head_dim), zeros on the left
+                for name in ("keys", "values"):
+                    setattr(layer, name, torch.cat([
+                        torch.nn.functional.pad(getattr(c.layers[n], name), (0, 0, width - len(ids), 0))
+                        for c, ids in zip(caches, prompts)]))
+        return caches[0], torch.cat(logits)
+
     def _decode(self, chunk: list[tuple[int, list[int]]], seeds: list[int | None], stops: set[int]):
         """Sample one batch: (prompt index, prompt ids) per row, that row's stream seed (None: greedy).
         Returns (response ids, finished) per row."""
@@ -207,23 +232,25 @@ class HFGenerator(Generator):
             uniq.setdefault(i, len(uniq))
         prompts = {i: ids for i, ids in chunk}
         width = max(len(ids) for ids in prompts.values())
-        input_ids = torch.full((len(uniq), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(uniq), width), dtype=torch.long)
-        for i, u in uniq.items():  # left padding: the new tokens line up on the right
-            ids = prompts[i]
-            input_ids[u, width - len(ids) :] = torch.tensor(ids)
-            attention[u, width - len(ids) :] = 1
-        # Positions count real tokens only (as model.generate computes them for left padding).
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (u, width)
         # transformers ≥ 5.2x calls the KV cache argument `cache` (`past_key_values` before, deprecated after)
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), position_ids=positions.to(device),
-                    use_cache=True, logits_to_keep=1)
-        cache = _cache_of(out)
+        attention = torch.zeros((len(uniq), width), dtype=torch.long)
+        for i, u in uniq.items():  # left padding: the new tokens line up on the right
+            attention[u, width - len(prompts[i]) :] = 1
+        cache, logits = self._prefill_unpadded([prompts[i] for i in uniq], width, device)
+        if cache is None:  # a cache this loop cannot pad: one left-padded batch
+            input_ids = torch.full((len(uniq), width), pad, dtype=torch.long)
+            for i, u in uniq.items():
+                input_ids[u, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            # Positions count real tokens only (as model.generate computes them for left padding).
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (u, width)
+            out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                        position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()  # (u, V)
         expand = torch.tensor([uniq[i] for i, _ in chunk], device=device)  # (b,) row -> its prompt's prefill row
         if len(uniq) != len(chunk):
             cache.batch_select_indices(expand)
-        logits = out.logits[:, -1, :].float()[expand]  # (b, V)
+        logits = logits[expand]  # (b, V)
         attention = attention.to(device)[expand]  # (b, width)
         next_pos = attention.sum(-1)  # (b,) position of each row's next token
         rngs = [torch.Generator(device=device).manual_seed(x) if x is not None else None for x in seeds]
