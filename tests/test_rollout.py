@@ -332,10 +332,34 @@ def test_prefill_once_per_prompt_sorted_by_length_and_finished_rows_leave(tiny_d
     prefills = [c for c in calls if c[1] > 1]
     decodes = [c for c in calls if c[1] == 1]
     by_length = sorted(lengths, reverse=True)
-    if unpadded:  # one call per distinct prompt, longest first, no padding
-        assert prefills == [(1, n, 0) for n in by_length]
+    if unpadded:  # per batch (2 prompts): one call per prompt without padding where a batch would pad much
+        from alignkit.rollout.generate import PAD_TO_SPLIT
+
+        want = []
+        for a, b in (by_length[:2], by_length[2:]):
+            want += [(1, a, 0), (1, b, 0)] if 1 - (a + b) / (2 * a) > PAD_TO_SPLIT else [(2, a, a - b)]
+        assert prefills == want and any(rows == 1 for rows, _, _ in prefills)
     else:  # 4 samples = 2 prompts x 2 per batch, each prompt once, the long ones together
         assert [rows for rows, _, _ in prefills] == [2, 2]
         assert sum(pad for _, _, pad in prefills) == (by_length[0] - by_length[1]) + (by_length[2] - by_length[3])
     assert sum(rows for rows, _, _ in decodes) == sum(len(r) - 1 for r in gens.response_ids)
     assert any(len(r) < 10 for r in gens.response_ids)
+
+
+def test_prompts_of_close_lengths_are_prefilled_in_one_call(tiny_dir, tiny_tokenizer):
+    """Without padding to save, one batched prefill (a forward per prompt would only add its fixed
+    cost, which dominates small models): the split is taken only above PAD_TO_SPLIT padding."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=3))
+    prompts = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
+    from alignkit.rollout.generate import PAD_TO_SPLIT
+
+    lengths = [len(ids) for ids in gen.generate(prompts).prompt_ids]
+    pad = 4 * max(lengths) - sum(lengths)
+    assert pad / (4 * max(lengths)) <= PAD_TO_SPLIT
+    calls = _forward_rows(model)
+    gen.generate(prompts, n=2, seed=0)
+    assert [c for c in calls if c[1] > 1] == [(4, max(lengths), pad)]
