@@ -648,6 +648,8 @@ def main() -> None:
             for framework in order:
                 res = run_child(f"{framework}:{method}", forwarded, env)
                 runs.append(res)
+                if args.json:  # after every run: a long real-model run interrupted still leaves its figures
+                    args.json.write_text(json.dumps({"peak_flops": peak, "trl": trl.__version__, "runs": runs}, indent=2))
                 print(f"  [{r + 1}/{args.repeats}] {framework:<9}{method:<4} {res['tokens_per_cpu_s']:>8.0f} tok/CPU-s  "
                       f"wall {res['wall_s']:6.1f} s  MFU {res['mfu']:.1%}  eval loss {res['eval_loss']:.4f}", flush=True)
     best = {}
