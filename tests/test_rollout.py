@@ -227,13 +227,16 @@ _PROMPTS = [[{"role": "user", "content": "Hi"}],
 
 
 class _DrawFrom:
-    """Reference sampler for ``model.generate``: draw from softmax(scores) with one given stream."""
+    """Reference sampler for ``model.generate``: draw from softmax(scores) with one given stream
+    (the same draw rule; what is compared is everything around it: batching, caches, order)."""
 
     def __init__(self, rng):
         self.rng = rng
 
     def __call__(self, input_ids, scores):
-        token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.rng)
+        from alignkit.rollout.generate import draw_tokens
+
+        token = draw_tokens(scores, [self.rng])[:, None]  # (1, 1)
         return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
@@ -363,3 +366,20 @@ def test_prompts_of_close_lengths_are_prefilled_in_one_call(tiny_dir, tiny_token
     calls = _forward_rows(model)
     gen.generate(prompts, n=2, seed=0)
     assert [c for c in calls if c[1] > 1] == [(4, max(lengths), pad)]
+
+
+def test_draw_tokens_samples_the_distribution_and_never_a_cut_token():
+    """Inverse-CDF draws: frequencies match the probabilities (χ²-style bound), tokens of
+    probability 0 (cut by top-k/top-p: -inf scores) are never drawn, and each row reads its own stream."""
+    from alignkit.rollout.generate import draw_tokens
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    scores = probs.log().expand(4000, 5)
+    rng = torch.Generator().manual_seed(0)
+    tokens = torch.cat([draw_tokens(scores[i : i + 100], [rng] * 100) for i in range(0, 4000, 100)])
+    freq = torch.bincount(tokens, minlength=5).double() / 4000
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs.double(), atol=0.03), freq
+    a = draw_tokens(torch.zeros(2, 50), [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    b = draw_tokens(torch.zeros(1, 50), [torch.Generator().manual_seed(2)])
+    assert a[1] == b[0]  # row 1's draw depends on its stream only
