@@ -91,7 +91,7 @@ def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 class _NonFiniteLogits(Exception):
-    """Raised inside ``generate`` by :class:`_PickToken`; turned into a NonFiniteError with its cause."""
+    """Raised inside the decode loop by :func:`_refuse_nonfinite`; turned into a NonFiniteError with its cause."""
 
     def __init__(self, rows: int, batch: int, position: int):
         super().__init__(rows, batch, position)
