@@ -152,6 +152,10 @@ class RunConfig:
     """Write metrics every N optimizer steps."""
     report_to: str = "jsonl,tensorboard"
     """Comma-separated loggers: jsonl, tensorboard, wandb, mlflow (the last two through accelerate, when installed)."""
+    tracker_project: str = "alignkit"
+    """Project of the trackers in report_to: the W&B project, the MLflow experiment, the TensorBoard subfolder of output_dir/tb."""
+    run_name: str = ""
+    """Name of this run in W&B and MLflow (empty: the tracker picks one)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on a CUDA GPU with bf16, or on a CPU with native bf16 instructions for hidden size ≥ 256; else fp32), 'no', 'bf16' or 'fp16'."""
     gradient_checkpointing: bool = False

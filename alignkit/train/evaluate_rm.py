@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ class ScoreConfig:
     """Output JSONL file: each input row's prompt and response with its `score`."""
 
 
+@entry("eval-rm")
 def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.data import load_dataset_records, tokenize_records
     from alignkit.data.formats import DEFAULT_MARGIN_LABELS
@@ -89,6 +92,7 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     return metrics
 
 
+@entry("score")
 def run_score(cfg: ScoreConfig) -> Path:
     from alignkit.data import RatedExample, ResponseExample, load_dataset_records
     from alignkit.rollout.rewards import RewardModel

@@ -18,6 +18,8 @@ or in the reward, r_i − β·Σ_t KL_t (RLOO), per ``kl.kl_penalty``. Metrics: 
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,7 @@ def grpo_loss(model, mb, cfg: GRPOConfig, loss_kl_coef: float):
     return losses, metrics
 
 
+@entry("grpo")
 def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
              reward: RewardSource | None = None) -> OnlineResult:
     """Train ``cfg.model.path`` with GRPO or RLOO (``cfg.advantage``); save the policy to ``cfg.run.output_dir``.
@@ -146,7 +149,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     off_policy = loop.steps_per_rollout > 1
     loop.register_state({"kl_controller": kl_ctl})
 
-    for k in range(loop.start(), loop.num_rollouts):
+    for k in loop.rollouts():
         with loop.timed("generation"):
             rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
             gens = generator.generate(rollout_prompts, n=G, seed=loop.sampling_seed(k))  # groups are consecutive rows
@@ -187,6 +190,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     return OnlineResult(output_dir=Path(cfg.run.output_dir), history=loop.history, wall_s=wall)
 
 
+@entry("rloo")
 def run_rloo(cfg: RLOOConfig, prompts: list[list[dict]] | None = None,
              reward: RewardSource | None = None) -> OnlineResult:
     """RLOO: :func:`run_grpo` with the leave-one-out baseline (``cfg.advantage='rloo'``)."""

@@ -23,6 +23,8 @@ InstructGPT initialises it from the reward model) or a head on the policy's last
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -210,6 +212,7 @@ def ptx_loss_fn(items: list[dict], pad_id: int, cfg: PPOConfig, device):
 # ---- the run ----------------------------------------------------------------------------------------
 
 
+@entry("ppo")
 def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: RewardSource | None = None,
             cost: RewardSource | None = None, ptx_texts: list[str] | None = None) -> OnlineResult:
     """Train ``cfg.model.path`` with PPO; save the policy (plain HF directory) to ``cfg.run.output_dir``.
@@ -241,7 +244,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     temperature, fwd_bs = cfg.sampling.temperature, cfg.optim.batch_size
     loop.register_state({"kl_controller": kl_ctl, "lagrange": lagrange})
 
-    for k in range(loop.start(), loop.num_rollouts):
+    for k in loop.rollouts():
         # 1. sample
         with loop.timed("generation"):
             rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]

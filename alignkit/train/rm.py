@@ -21,6 +21,8 @@ where it has one).
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import copy
 import re
 from collections import defaultdict, deque
@@ -210,6 +212,7 @@ def _evaluator(objective: str, items: list[dict], pad_id: int, batching: str = "
     return evaluate
 
 
+@entry("rm")
 def run_rm(cfg: RMConfig):
     """Train a reward model and save it (plain HF ``*ForSequenceClassification`` directory)."""
     seed_everything(cfg.run.seed)
