@@ -356,6 +356,18 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: list
             raise ConfigError(f"override '{ov}' is not of the form key=value")
         k, v = ov.split("=", 1)
         items.append((k.strip(), v, ""))
+    return _apply(cfg, items)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]):
+    """``cfg`` with ``overrides`` (dotted or unique leaf names -> values) applied exactly as
+    ``key=value`` command-line overrides are (the same names, type checks and range checks), then
+    every number range-checked and the config validated. ``cfg`` itself is changed and returned."""
+    return _apply(cfg, [(k, v, "") for k, v in overrides.items()])
+
+
+def _apply(cfg: Any, items: list[tuple[str, Any, str]]):
+    cls = type(cfg)
     fields = flat_fields(cls)
     for key, value, where in items:
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ModelConfig
-from alignkit.context import is_memory, memory_source, note_saved
+from alignkit.context import current, is_memory, memory_source, note_saved
 from alignkit.models import files, gguf, hub, identity
 from alignkit.models.errors import ModelLoadError
 
@@ -34,6 +34,9 @@ __all__ = ["ModelLoadError", "load_tokenizer", "load_causal_lm", "load_scalar_he
            "add_lora", "freeze", "is_lora", "Reference", "save_model", "check_causal", "check_float16"]
 
 log = logging.getLogger(__name__)
+
+#: Names under which the Python API registers the objects it is given (alignkit/context.py).
+MEMORY_MODEL, MEMORY_TOKENIZER, MEMORY_REFERENCE = "memory:model", "memory:tokenizer", "memory:reference"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -181,6 +184,8 @@ def load_tokenizer(source: str | ModelConfig):
     path = (cfg.tokenizer or cfg.path) if cfg else source
     if is_memory(path):  # a tokenizer object given through the Python API
         tok = memory_source(path)
+        if isinstance(tok, torch.nn.Module):  # a model's name: the tokenizer given with it
+            tok = memory_source(MEMORY_TOKENIZER)
         if not callable(getattr(tok, "apply_chat_template", None)) and not hasattr(tok, "encode"):
             raise ModelLoadError(f"{path}: expected a transformers tokenizer, got {type(tok).__name__}")
     else:
@@ -379,7 +384,8 @@ def is_lora(model) -> bool:
 class Reference:
     """The frozen reference policy π_ref, held one of two ways.
 
-    - a frozen deep copy of the policy (``copy``), or
+    - a frozen deep copy of the policy (``copy``), or the reference model given through the Python
+      API (``alignkit.dpo(..., reference=model)``, frozen as it is), or
     - with LoRA, the policy's own base weights with the adapter disabled (``adapter``): no second
       copy of the weights in memory.
 
@@ -387,15 +393,20 @@ class Reference:
     """
 
     def __init__(self, policy, mode: str = "auto"):
+        given = current().sources.get(MEMORY_REFERENCE) if current() is not None else None
         if mode == "auto":
-            mode = "adapter" if is_lora(policy) else "copy"
+            mode = "adapter" if is_lora(policy) and given is None else "copy"
         if mode == "adapter" and not is_lora(policy):
             raise ValueError("reference mode 'adapter' needs a LoRA policy (model.lora=true)")
+        if given is not None and mode != "copy":
+            raise ValueError(f"a reference model was given in Python, but the reference mode is {mode!r}; "
+                             "leave reference=auto (or copy) to use the given model")
         self.mode = mode
         self._policy = policy
         self._copy = None
         if mode == "copy":
-            self._copy = copy.deepcopy(policy)
+            # The reference model given through the Python API (frozen as it is), else a frozen copy of the policy.
+            self._copy = given if given is not None else copy.deepcopy(policy)
             freeze(self._copy)
 
     @contextmanager
