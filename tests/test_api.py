@@ -15,8 +15,8 @@ import alignkit
 from alignkit.cli import main
 from tests.conftest import write_jsonl
 
-COMMON = ["run.progress=false", "run.report_to=jsonl", "optim.batch_size=2", "optim.max_steps=2", "data.max_length=48",
-          "data.max_prompt_length=24"]
+BASE = ["run.progress=false", "run.report_to=jsonl", "optim.batch_size=2", "data.max_length=48", "data.max_prompt_length=24"]
+COMMON = [*BASE, "optim.max_steps=2"]
 QS = [f"What colour is item {i}?" for i in range(6)]
 SFT_ROWS = [{"prompt": q, "completion": f"Item {i} is {'red' if i % 2 else 'blue'}."} for i, q in enumerate(QS)]
 PAIR_ROWS = [{"prompt": q, "chosen": f"Item {i} is red.", "rejected": "No idea."} for i, q in enumerate(QS)]
@@ -26,7 +26,7 @@ PROMPT_ROWS = [{"prompt": q} for q in QS]
 CRITIC_ROWS = [{"prompt": q, "response_a": "It is red.", "response_b": "No.", "critique": "A answers; B refuses.",
                 "verdict": "A"} for q in QS]
 ONLINE = ["sampling.max_new_tokens=6", "rollout.prompts_per_rollout=2", "rollout.samples_per_prompt=2",
-          "rollout.num_rollouts=2", "reward.unfinished_penalty=0"]
+          "rollout.num_rollouts=2", "rollout.ppo_epochs=1", "reward.unfinished_penalty=0"]
 
 #: method -> (rows, CLI options, API keyword overrides)
 METHODS = {
@@ -70,11 +70,12 @@ def test_api_from_memory_equals_cli_from_disk(method, tiny_dir, rm_dir, tmp_path
         extra = [*extra, f"reward.reward_models=[{rm_dir}]"]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     cli_out, api_out = tmp_path / "cli", tmp_path / "api"
-    assert main([method, f"model.path={tiny_dir}", f"data.path={data}", f"run.output_dir={cli_out}", *COMMON, *extra]) == 0
+    common = BASE if method in ("ppo", "grpo", "rloo") else COMMON  # online runs count rollouts
+    assert main([method, f"model.path={tiny_dir}", f"data.path={data}", f"run.output_dir={cli_out}", *common, *extra]) == 0
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    options = {**_options(COMMON), **_options(extra), **kw}
+    options = {**_options(common), **_options(extra), **kw}
     result = getattr(alignkit, method)(model=model, tokenizer=tokenizer, data=[dict(r) for r in rows],
                                        **{"run.output_dir": str(api_out)}, **{k: v for k, v in options.items()})
     assert isinstance(result, alignkit.Result) and result.output_dir == api_out
@@ -183,15 +184,15 @@ def test_given_reference_model_is_used(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    common = dict(tokenizer=tok, data=PAIR_ROWS, max_steps=1, batch_size=6, progress=False, report_to="jsonl")
+    common = dict(tokenizer=tok, data=PAIR_ROWS, max_steps=1, batch_size=6, beta=1.0, progress=False, report_to="jsonl")
     same = alignkit.dpo(model=AutoModelForCausalLM.from_pretrained(tiny_dir), output_dir=str(tmp_path / "a"), **common)
     ref = AutoModelForCausalLM.from_pretrained(tiny_dir)
     with torch.no_grad():
         ref.lm_head.weight.mul_(3.0)
     other = alignkit.dpo(model=AutoModelForCausalLM.from_pretrained(tiny_dir), reference=ref,
                          output_dir=str(tmp_path / "b"), **common)
-    assert abs(same.history[0]["loss"] - 0.6931) < 1e-3
-    assert abs(other.history[0]["loss"] - 0.6931) > 1e-2
+    assert abs(same.history[0]["loss"] - 0.693147) < 1e-5
+    assert abs(other.history[0]["loss"] - 0.693147) > 1e-3
     cfg = alignkit.DPOConfig()
     cfg.reference = "precomputed"  # would never run the given reference: refused
     with pytest.raises(ValueError, match="reference model was given.*precomputed"):
@@ -199,7 +200,7 @@ def test_given_reference_model_is_used(tiny_dir, tmp_path):
 
 
 def test_import_alignkit_is_light():
-    code = "import sys, alignkit; print('torch' in sys.modules, 'transformers' in sys.modules); alignkit.SFTConfig"
+    code = "import sys, alignkit; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
