@@ -89,7 +89,12 @@ def test_api_from_memory_equals_cli_from_disk(method, tiny_dir, rm_dir, tmp_path
     some = next(n for n in api if n in saved)
     torch.testing.assert_close(saved[some].detach().cpu().float(), api[some].float())
     assert result.metrics and result.metrics == _last_step(api_out / "metrics.jsonl")
-    assert (api_out / "alignkit_config.yaml").exists() and (api_out / "README.md").exists()
+    # both folders explain themselves: model card figures equal metrics.jsonl and the data report
+    from tests.test_model_card import check_card
+
+    check_card(cli_out, method)
+    card = check_card(api_out, method, result.data_reports)
+    assert card["call"].startswith(f"alignkit.{method}(model=<")
     import yaml
 
     saved_cfg = yaml.safe_load((api_out / "alignkit_config.yaml").read_text())
