@@ -97,10 +97,12 @@ def _describe(value: Any) -> str:
         return f"<list of {n} records>"
     if hasattr(value, "num_rows") and not isinstance(getattr(value, "num_rows"), dict):
         return f"<{kind} of {value.num_rows} rows>"
-    if callable(value) and not hasattr(value, "parameters"):
-        return f"<function {getattr(value, '__name__', kind)}>"
     name = getattr(value, "name_or_path", "") or ""
-    return f"<{kind}{' ' + name if name else ''}>" if n is None or hasattr(value, "parameters") else f"<{kind} of {n}>"
+    if hasattr(value, "parameters") or hasattr(value, "apply_chat_template"):  # a model or a tokenizer
+        return f"<{kind}{' ' + str(name) if name else ''}>"
+    if callable(value):
+        return f"<function {getattr(value, '__name__', kind)}>"
+    return f"<{kind} of {n}>" if n is not None else f"<{kind}>"
 
 
 def _run(name: str, config: Any, inputs: dict[str, Any], callbacks: list | None, overrides: dict[str, Any]) -> Result:
@@ -144,9 +146,7 @@ def _run(name: str, config: Any, inputs: dict[str, Any], callbacks: list | None,
         else:
             ctx.sources[MEMORY_TOKENIZER] = tokenizer
             paths["model.tokenizer"] = MEMORY_TOKENIZER
-    if reference is not None:
-        if "reference" not in extra:
-            raise TypeError(f"alignkit.{name} takes no reference model")
+    if reference is not None:  # only the methods with a reference take the argument
         ctx.sources[MEMORY_REFERENCE] = reference
     for key, field_path in (("data", "data.path"), ("eval_data", "data.eval_path")):
         value = inputs.get(key)
@@ -158,6 +158,8 @@ def _run(name: str, config: Any, inputs: dict[str, Any], callbacks: list | None,
             ctx.sources[f"memory:{key}"] = value
             paths[field_path] = f"memory:{key}"
     apply_overrides(cfg, {**paths, **overrides})
+    # The given model is π_ref only where a reference is a model (alignkit.models.loading.Reference):
+    # not where log-probs are precomputed from the policy, nor with the LoRA base as reference.
     if reference is not None and getattr(cfg, "reference", "auto") not in ("auto", "copy"):
         raise ValueError(f"alignkit.{name}: a reference model was given, but reference={cfg.reference!r} would not run "
                          "it; leave reference=auto (or copy)")
@@ -169,6 +171,12 @@ def _run(name: str, config: Any, inputs: dict[str, Any], callbacks: list | None,
     result = Result(command=command, output_dir=out, config=cfg, raw=raw, data_reports=list(ctx.data_reports))
     if ctx.saved:
         result.model, result.tokenizer = ctx.saved[-1]
+        if out is not None:
+            # A later stage given these objects names this folder as its base model (model card).
+            for obj in (result.model, getattr(result.model, "config", None), result.tokenizer):
+                for attr in ("name_or_path", "_name_or_path"):
+                    if obj is not None and hasattr(obj, attr):
+                        setattr(obj, attr, str(out))
     if out is not None:
         rows = read_metrics(out / "metrics.jsonl")
         result.history = rows

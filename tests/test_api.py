@@ -210,3 +210,64 @@ def test_import_alignkit_is_light():
     assert out == ["False", "False"]
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         alignkit.nope  # noqa: B018
+
+
+# ---- rewards as Python callables ---------------------------------------------------------------
+
+
+def test_batched_reward_callables_are_checked():
+    from alignkit.rollout.rewards import BatchFunctionReward, as_reward, check_scores
+
+    prompts, responses = [[{"role": "user", "content": "hi"}]] * 3, ["a", "bb", "ccc"]
+    r = as_reward(lambda ps, rs: [len(x) for x in rs])
+    assert isinstance(r, BatchFunctionReward) and r(prompts, responses).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match=r"returned \(2,\) scores for 3 responses"):
+        as_reward(lambda ps, rs: [1.0, 2.0])(prompts, responses)
+    with pytest.raises(ValueError, match=r"1 of 3 scores are not finite, e.g. nan at index 1 \(response 1: 'bb'\)"):
+        as_reward(lambda ps, rs: [1.0, float("nan"), 0.0])(prompts, responses)
+    with pytest.raises(ValueError, match="one number per response"):
+        as_reward(lambda ps, rs: "abc")(prompts, responses)
+    with pytest.raises(TypeError, match="RewardSource or a callable"):
+        as_reward(3.0)
+    # the check applies to every source's scores where the online methods read them
+    from alignkit.rollout.rewards import RewardSource
+    from alignkit.train.online.rewards import score_responses
+
+    class Broken(RewardSource):
+        def __call__(self, prompts, responses):
+            return torch.tensor([float("inf")] * len(responses))
+
+    with pytest.raises(ValueError, match="not finite"):
+        score_responses(Broken(), prompts, responses, torch.ones(3, dtype=torch.bool), 0.0)
+    assert check_scores(torch.tensor([1.0, 2.0]), 2, "x").tolist() == [1.0, 2.0]
+
+
+def test_a_reward_callable_adds_to_the_reward_models(rm_dir):
+    from alignkit.rollout.rewards import RewardModel
+    from alignkit.train.online.rewards import RewardConfig, build_reward
+
+    prompts, responses = [[{"role": "user", "content": q}] for q in QS[:3]], ["It is red.", "No.", "Blue."]
+    models = RewardModel(str(rm_dir))(prompts, responses)
+    combined = build_reward(RewardConfig(reward_models=[str(rm_dir)], weights=[2.0]), lambda ps, rs: [1.0, 2.0, 3.0])
+    torch.testing.assert_close(combined(prompts, responses), 2.0 * models + torch.tensor([1.0, 2.0, 3.0]))
+    alone = build_reward(RewardConfig(), lambda ps, rs: [1.0, 2.0, 3.0])
+    assert alone(prompts, responses).tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="no reward"):
+        build_reward(RewardConfig(), None)
+
+
+def test_wrong_in_memory_objects_are_named(tiny_dir, rm_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    head = AutoModelForSequenceClassification.from_pretrained(rm_dir)
+    head.config.pad_token_id = None
+    with pytest.raises(Exception, match="no pad_token_id"):
+        alignkit.eval_rm(model=head, tokenizer=AutoTokenizer.from_pretrained(rm_dir), data=PAIR_ROWS)
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    with pytest.raises(ValueError, match="in-memory data must be a datasets.Dataset"):
+        alignkit.sft(model=str(tiny_dir), data=5, output_dir=str(tmp_path / "a"))
+    with pytest.raises(Exception, match="expected a causal LM"):
+        alignkit.sft(model=object(), tokenizer=tok, data=SFT_ROWS, output_dir=str(tmp_path / "b"))
+    with pytest.raises(Exception, match="expected a transformers tokenizer"):
+        alignkit.sft(model=str(tiny_dir), tokenizer=object(), data=SFT_ROWS, output_dir=str(tmp_path / "c"))

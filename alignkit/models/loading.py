@@ -398,9 +398,6 @@ class Reference:
             mode = "adapter" if is_lora(policy) and given is None else "copy"
         if mode == "adapter" and not is_lora(policy):
             raise ValueError("reference mode 'adapter' needs a LoRA policy (model.lora=true)")
-        if given is not None and mode != "copy":
-            raise ValueError(f"a reference model was given in Python, but the reference mode is {mode!r}; "
-                             "leave reference=auto (or copy) to use the given model")
         self.mode = mode
         self._policy = policy
         self._copy = None
