@@ -49,9 +49,11 @@ class FunctionReward(RewardSource):
         return torch.tensor([float(self.fn(p, r)) for p, r in zip(prompts, responses)], dtype=torch.float32)
 
 
-def check_scores(scores, n: int, name: str, responses: Sequence[str] | None = None) -> Tensor:
+def check_scores(scores, n: int, name: str, responses: Sequence[str] | None = None, finite: bool = True) -> Tensor:
     """``scores`` as a float32 tensor (N,), refused with a clear error when it does not hold exactly
-    one finite number per response: a wrong count or a NaN would otherwise train on wrong numbers."""
+    one number per response (a wrong count would pair scores with the wrong responses) or, with
+    ``finite``, when one is NaN or infinite (a Python reward's bug, named at once rather than
+    trained on)."""
     try:
         t = torch.as_tensor(scores if torch.is_tensor(scores) else [float(x) for x in scores], dtype=torch.float32)
     except (TypeError, ValueError) as e:
@@ -61,7 +63,7 @@ def check_scores(scores, n: int, name: str, responses: Sequence[str] | None = No
     if t.dim() != 1 or t.numel() != n:
         raise ValueError(f"reward {name!r}: returned {tuple(t.shape)} scores for {n} responses; a batched reward "
                          "f(prompts, responses) must return one number per response, in order")
-    bad = (~torch.isfinite(t)).nonzero().flatten().tolist()
+    bad = (~torch.isfinite(t)).nonzero().flatten().tolist() if finite else []
     if bad:
         i = bad[0]
         what = f" (response {i}: {responses[i][:60]!r})" if responses is not None else ""

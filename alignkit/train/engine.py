@@ -524,7 +524,7 @@ class Engine:
         """Every process learns whether a callback (run on the main process) asked to stop after
         step ``done``; a request at the last step changes nothing."""
         stop = self.callbacks.stop_requested
-        if self.acc.num_processes > 1:
+        if self.acc.num_processes > 1 and self.callbacks.items:  # every process runs the same call, same callbacks
             stop = float(self.acc.reduce(torch.tensor(float(stop), device=self.acc.device), reduction="sum")) > 0
         if stop and done < self.total_steps and self.stopped_at is None:
             self.stopped_at = done

@@ -90,6 +90,8 @@ def build_reward(cfg: RewardConfig, reward: RewardSource | None = None, device="
 def score_responses(reward: RewardSource, prompts: list[Messages], texts: list[str], finished: Tensor,
                     unfinished_penalty: float) -> tuple[Tensor, Tensor]:
     """(raw scores (B,), scores (B,) with ``unfinished_penalty`` subtracted where ``finished`` is False)."""
-    # Every source's output is checked: one finite score per response, whatever computed it.
-    raw = check_scores(reward(prompts, texts), len(texts), getattr(reward, "name", "reward"), texts)
+    # Every source's output is checked for one score per response. A non-finite score from a
+    # reward model or a per-example function is left to the engine's guard (that update is skipped
+    # and counted, docs/rl.md); a batched Python reward refuses it itself (BatchFunctionReward).
+    raw = check_scores(reward(prompts, texts), len(texts), getattr(reward, "name", "reward"), texts, finite=False)
     return raw, raw - unfinished_penalty * (~finished.cpu()).float()
