@@ -16,7 +16,11 @@ Every function takes:
   ``output_dir="out"``; a dotted name through ``**{"optim.lr": 1e-5}``), checked exactly as
   ``key=value`` arguments are (names, types, ranges), applied on top of ``config``;
 - ``model`` / ``tokenizer``: a path or hub name (as ``model.path`` / ``model.tokenizer``), or the
-  objects themselves. A model object is trained in place (LoRA wraps it) and needs its tokenizer;
+  objects themselves. A model object goes through the loader's checks (causal, float16) and is
+  trained in place, at its own dtype and device (``model.dtype`` applies to paths only); with
+  ``lora=True`` it is wrapped in adapters and ``Result.model`` is the merged copy. It needs its
+  tokenizer, which gets a pad token and right padding if it lacks them. For ``rm`` a causal-LM
+  object gets a fresh scalar head, as a causal-LM directory does;
 - ``data`` / ``eval_data``: a path, or in-memory data: a ``datasets.Dataset``, a ``DatasetDict``
   (``split`` / ``eval_split`` pick from it) or a list of dicts in any format the file readers
   accept. In-memory rows go through the same reading, validation (errors name ``memory:data[i]``
