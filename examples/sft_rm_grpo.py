@@ -38,8 +38,8 @@ def main(argv=None):
     grpo = alignkit.grpo(
         model=sft.model, tokenizer=sft.tokenizer, data=[{"prompt": prompt(i)} for i in range(64, 96)],
         reward=says_the_colour, reward_models=[str(rm.output_dir)],  # Python reward + reward model, summed
-        output_dir=str(out / "grpo"), num_rollouts=2 if args.tiny else 8, prompts_per_rollout=4,
-        samples_per_prompt=4, ppo_epochs=1, max_new_tokens=8 if args.tiny else 24, lr=1e-3 if args.tiny else 1e-6,
+        output_dir=str(out / "grpo"), num_rollouts=2 if args.tiny else 4, prompts_per_rollout=4,
+        samples_per_prompt=4, ppo_epochs=1, max_new_tokens=8 if args.tiny else 16, lr=1e-3 if args.tiny else 1e-6,
         kl_coef=0.05, **online)
     first, last = grpo.history[0]["reward"], grpo.history[-1]["reward"]
     print(f"GRPO: reward {first:.3f} -> {last:.3f} over {len(grpo.history)} rollouts -> {grpo.output_dir}")
