@@ -68,9 +68,9 @@ def base_model(tiny: bool, out: Path) -> str:
 
 def settings(tiny: bool, steps: int) -> dict:
     """Options shared by the stages, small enough for a CPU either way. SmolLM2's chat template
-    adds a ~30-token system prompt, hence its longer limits; a SmolLM2 step of 4 sequences took
-    about a minute on this shared 2-core machine (fp32), so its stages run 8 steps by default
-    (``--steps`` for more on a faster machine)."""
+    adds a ~30-token system prompt, hence its longer limits. A SmolLM2 SFT step of 4 sequences
+    took about 3 minutes (fp32) on the 2-core machine these were written on, under a load of 12
+    from other jobs; its stages run 8 steps by default (``--steps`` to change)."""
     if tiny:
         return dict(max_steps=steps or 3, batch_size=4, max_length=64, max_prompt_length=32, progress=False,
                     report_to="jsonl", overwrite=True)
