@@ -40,11 +40,15 @@ from alignkit.models.masks import batching_refusal
 
 
 def _cost_model(head) -> tuple[float, float]:
-    """(FLOPs per token, FLOPs per attended query-key pair) of one forward of ``head``."""
-    from alignkit.train.flops import attention_shape, matmul_params
+    """(FLOPs per token, FLOPs per attended query-key pair) of one forward of ``head``: 2 per
+    weight of every matrix a token is multiplied by (``nn.Linear`` and GPT-2's ``Conv1D``; not
+    the embedding lookups), and 4·L·d per pair (scores and weighted values, L layers of width d)."""
+    from alignkit.train.flops import attention_shape
 
+    weights = sum(p.numel() for m in head.modules() if not isinstance(m, torch.nn.Embedding)
+                  for p in m.parameters(recurse=False) if p.dim() == 2)
     layers, width = attention_shape(head)
-    return 2.0 * matmul_params(head), 4.0 * layers * width
+    return 2.0 * weights, 4.0 * layers * width
 
 
 def plan_rows(items: Sequence[dict], per_token: float, per_pair: float) -> list[tuple[list[int], list[int]]]:

@@ -1,0 +1,138 @@
+"""Reward models on the fast path give the numbers of a plain per-sequence forward.
+
+* ``score_sequences`` (``alignkit score``, every ``RewardModel``, the RM trainer's regression
+  evaluation): length-sorted batches, responses to one prompt in one row ``prompt ‖ y_1 ‖ … ‖ y_K``
+  where cheaper, each reward read at the last token; equal to ``AutoModelForSequenceClassification``
+  on each sequence alone, on Llama, Qwen2 (a sliding window shorter than the rows) and GPT-2, eager
+  and sdpa; the cost rule that decides the rows; the refusals.
+* ``eval-rm``, ``score`` and the RM trainer's mean reward (``reward_mean=final``) end to end on
+  trained tiny reward models of two families, against one plain transformers forward per sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from alignkit.data.prefix_sharing import collate_prompt_groups
+from alignkit.models.heads import ScalarHead
+from alignkit.models.scoring import _cost_model, plan_rows, score_sequences
+
+from conftest import write_jsonl
+
+V, PAD, WINDOW = 101, 0, 8
+_LLAMA_LIKE = dict(intermediate_size=48, num_key_value_heads=1)
+CONFIGS = {
+    "llama": dict(_LLAMA_LIKE),
+    "qwen2": dict(_LLAMA_LIKE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "gpt2": dict(n_inner=48),
+}
+
+
+@functools.cache
+def _rm(family: str):
+    """A float64 tiny one-output sequence classifier of ``family`` (random weights)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.for_model(family, vocab_size=V, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                  max_position_embeddings=128, pad_token_id=PAD, eos_token_id=1, bos_token_id=2,
+                                  num_labels=1, **CONFIGS[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(config).double().eval()
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    return torch.randint(3, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()  # never PAD
+
+
+#: (prompt length, response lengths): a prompt with one response, one with four (longer than the
+#: window together), one with three including an empty response (read at the prompt's last token).
+SHAPES = [(9, [6]), (12, [5, 9, 3, 7]), (6, [4, 0, 8])]
+ITEMS = [dict(prompt_ids=_tokens(10 * g, p), response_ids=_tokens(10 * g + k + 1, n), score=0.0, length=p + n)
+         for g, (p, ns) in enumerate(SHAPES) for k, n in enumerate(ns)]
+# interleave the groups, as a score file or a rollout may order them
+ITEMS = ITEMS[::2] + ITEMS[1::2]
+
+
+def _alone(model, items) -> torch.Tensor:
+    """What transformers returns for each sequence alone (pooled at its last, non-pad token)."""
+    with torch.no_grad():
+        return torch.stack([model(input_ids=torch.tensor([it["prompt_ids"] + it["response_ids"]])).logits[0, 0]
+                            for it in items]).float()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_scores_equal_one_plain_forward_per_sequence(family, attention):
+    model = _rm(family)
+    model.set_attn_implementation(attention)
+    head = ScalarHead(model)
+    want = _alone(model, ITEMS)
+    # every response of a prompt in its prompt's row (no cost rule), batches of 4 sequences
+    rows = plan_rows(ITEMS, *_cost_model(head))  # the rows score_sequences makes: each prompt's responses in one
+    assert sorted(len(r[1]) for r in rows) == [1, 3, 4]
+    shared = score_sequences(head, ITEMS, PAD, batch_size=4, share_prompts=True)
+    torch.testing.assert_close(shared, want, atol=1e-5, rtol=0)
+    padded = score_sequences(head, ITEMS, PAD, batch_size=3, share_prompts=False)
+    torch.testing.assert_close(padded, want, atol=1e-5, rtol=0)
+    assert len(set(want.tolist())) == len(ITEMS)  # a real comparison: the sequences score differently
+
+
+def test_the_windows_matter_on_this_data():
+    """Without its sliding window Qwen2 scores these rows differently, so the test above checks
+    that a shared row keeps each response's window."""
+    model = _rm("qwen2")
+    model.set_attn_implementation("eager")
+    windowed = _alone(model, ITEMS)
+    model.config.use_sliding_window = False
+    model.config.layer_types = ["full_attention"] * 2
+    try:
+        unwindowed = _alone(model, ITEMS)
+    finally:
+        _rm.cache_clear()  # the next test builds it again, windowed
+    assert (windowed - unwindowed).abs().max() > 1e-3
+
+
+def test_a_shared_row_is_the_responses_own_sequences():
+    """The layout: each response sees the prompt and itself, at the positions of its own sequence."""
+    batch = collate_prompt_groups([([5, 6, 7], [[8, 9], [10], []])], PAD)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3]]
+    assert batch["last_index"].tolist() == [4, 5, 2]  # the empty response: the prompt's last token
+    sees = batch["attention_mask"][0, 0]
+    assert sees[5].tolist() == [True, True, True, False, False, True]  # y_2 sees the prompt and itself
+    assert sees[4].tolist() == [True, True, True, True, True, False]
+
+
+def test_the_cost_rule_shares_long_prompts_and_keeps_long_responses_apart():
+    """A prompt joins its responses' row only while the row's estimated FLOPs stay below scoring
+    the response alone: long responses to a short prompt would attend over a long row for little
+    saved, short responses to a long prompt save most of their work."""
+    long_prompt = [dict(prompt_ids=list(range(3, 103)), response_ids=[7] * 5) for _ in range(4)]
+    short_prompt = [dict(prompt_ids=[3, 4], response_ids=[7] * 100) for _ in range(4)]
+    per_token, per_pair = 2.0 * 1000, 4.0 * 2 * 10  # a model of 1,000 weights per token, 2 layers of width 10
+    assert [len(r[1]) for r in plan_rows(long_prompt, per_token, per_pair)] == [4]
+    assert [len(r[1]) for r in plan_rows(short_prompt, per_token, per_pair)] == [1, 1, 1, 1]
+    assert [len(r[1]) for r in plan_rows(long_prompt + short_prompt, per_token, 0.0)] == [4, 4]  # no attention cost
+
+
+def test_sharing_is_refused_where_it_cannot_be_exact_and_skipped_without_a_prompt():
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    bert = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "bert", vocab_size=V, hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48,
+        num_labels=1, pad_token_id=PAD)).eval()
+    head = ScalarHead(bert)
+    with pytest.raises(ValueError, match="share_prompts=True cannot be served: batching=prefix_shared is exact only"):
+        score_sequences(head, ITEMS, PAD, share_prompts=True)
+    # the default falls back to one padded row per sequence: the encoder's own classification forward
+    torch.testing.assert_close(score_sequences(head, ITEMS, PAD, batch_size=4), _alone(bert, ITEMS), atol=1e-5, rtol=0)
+    no_prompt = [dict(it, prompt_ids=[]) for it in ITEMS if it["response_ids"]]
+    llama = ScalarHead(_rm("llama"))
+    with pytest.raises(ValueError, match="no prompt token to share"):
+        score_sequences(llama, no_prompt, PAD, share_prompts=True)
+    torch.testing.assert_close(score_sequences(llama, no_prompt, PAD), _alone(_rm("llama"), no_prompt), atol=1e-5, rtol=0)
