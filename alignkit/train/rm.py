@@ -185,11 +185,8 @@ def final_reward_mean(head, items: list[dict], pad_id: int, objective: str, batc
     """The trained model's mean raw reward over the first :data:`FINAL_MEAN_SEQUENCES` training
     sequences (chosen and rejected both): one no-grad pass, pairs prefix-shared where the model is
     served exactly, each reward read at its sequence's last token only. Equal to the mean of
-    ``AutoModelForSequenceClassification`` on each sequence alone (tests/test_rm_fast.py).
-
-    Measured (``python benchmarks/bench_rm_eval.py``, see docs/batching.md): on the tiny-but-not-
-    trivial setup there, this pass costs XX_MEASURE the CPU time of the padded pass it replaced over the
-    same 512 sequences."""
+    ``AutoModelForSequenceClassification`` on each sequence alone (tests/test_rm_fast.py). Its cost
+    against the padded pass of earlier versions: ``benchmarks/bench_rm_eval.py``, docs/batching.md."""
     if objective == "pairwise":
         sample = items[: FINAL_MEAN_SEQUENCES // 2]
         chosen, rejected = score_pairs(head, sample, pad_id, batch_size, scoring_batching(head.model))
