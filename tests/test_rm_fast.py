@@ -136,3 +136,129 @@ def test_sharing_is_refused_where_it_cannot_be_exact_and_skipped_without_a_promp
     with pytest.raises(ValueError, match="no prompt token to share"):
         score_sequences(llama, no_prompt, PAD, share_prompts=True)
     torch.testing.assert_close(score_sequences(llama, no_prompt, PAD), _alone(_rm("llama"), no_prompt), atol=1e-5, rtol=0)
+
+
+# ---- end to end: eval-rm, score and the saved mean reward on trained reward models -----------------
+
+
+def _pair_rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        i = rng.randint(0, 5)  # few prompts: several pairs share one
+        rows.append({"prompt": f"What colour is item {i}?", "chosen": f"The colour of item {i} is red.",
+                     "rejected": rng.choice(["No. Go away.", "Whatever.", "I will not tell you that, go and look."])})
+    return rows
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def trained(request, tiny_dir, tiny_tokenizer, tmp_path_factory):
+    """(family, reward model directory, pairs file, training config) of a reward model trained a
+    few steps with reward_mean=final."""
+    from alignkit.config import build_config
+    from alignkit.models.factory import tiny_family_model
+    from alignkit.train.rm import RMConfig, run_rm
+
+    tmp = tmp_path_factory.mktemp(f"rm-{request.param}")
+    base = tiny_dir
+    if request.param != "llama":
+        base = tmp / "base"
+        tiny_family_model(request.param, tiny_tokenizer).save_pretrained(base)
+        tiny_tokenizer.save_pretrained(base)
+    data = write_jsonl(tmp / "pairs.jsonl", _pair_rows(24))
+    cfg = build_config(RMConfig, overrides=[
+        f"model.path={base}", f"data.path={data}", "optim.lr=3e-3", "optim.batch_size=8", "optim.max_steps=3",
+        f"run.output_dir={tmp / 'rm'}", "run.progress=false", "reward_mean=final"])
+    run_rm(cfg)
+    return request.param, tmp / "rm", data, cfg
+
+
+def _plain(path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return AutoModelForSequenceClassification.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _plain_scores(model, sequences: list[list[int]]) -> torch.Tensor:
+    """One plain transformers forward per sequence, read where it pools (the last non-pad token)."""
+    with torch.no_grad():
+        return torch.stack([model(input_ids=torch.tensor([s])).logits[0, 0] for s in sequences])
+
+
+def test_the_saved_mean_reward_is_the_final_models_mean(trained, tiny_tokenizer):
+    from alignkit.train.common import prepare_data
+
+    family, out, _, cfg = trained
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["alignkit_reward_mean_from"] == "final" and saved["model_type"] == family
+    items = prepare_data(cfg.data, tiny_tokenizer, cfg.run.seed, expect=("PreferencePair",), name="rm").train
+    model, _ = _plain(out)
+    sequences = [it["prompt_ids"] + it[side] for it in items for side in ("chosen_ids", "rejected_ids")]
+    assert len(sequences) == 48 <= 512  # every training sequence is in the mean
+    assert saved["alignkit_reward_mean"] == pytest.approx(float(_plain_scores(model, sequences).mean()), abs=1e-5)
+
+
+def test_eval_rm_equals_one_plain_forward_per_sequence(trained, capsys):
+    from alignkit.config import ModelConfig
+    from alignkit.data import load_dataset_records, tokenize_records
+    from alignkit.train.evaluate_rm import EvalRMConfig, run_eval_rm
+
+    family, out, data, _ = trained
+    cfg = EvalRMConfig(model=ModelConfig(path=str(out)), batch_size=5)
+    cfg.data.path = str(data)
+    metrics = run_eval_rm(cfg)
+    assert "batching prefix_shared" in capsys.readouterr().out
+    model, tok = _plain(out)
+    records, _, _ = load_dataset_records(str(data), shuffle=False)
+    items, _ = tokenize_records(records, tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+    chosen = _plain_scores(model, [it["prompt_ids"] + it["chosen_ids"] for it in items])
+    rejected = _plain_scores(model, [it["prompt_ids"] + it["rejected_ids"] for it in items])
+    both = torch.cat([chosen, rejected])
+    assert metrics["n_pairs"] == 24
+    assert metrics["accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
+    assert metrics["reward_mean"] == pytest.approx(float(both.mean()), abs=1e-5)
+    assert metrics["reward_std"] == pytest.approx(float(both.std()), abs=1e-5)
+    assert metrics["margin_mean"] == pytest.approx(float((chosen - rejected).mean()), abs=1e-5)
+
+
+def test_score_equals_one_plain_forward_per_row(trained, tmp_path):
+    from alignkit.config import ModelConfig
+    from alignkit.data import RatedExample, tokenize_records
+    from alignkit.models.loading import load_reward_model
+    from alignkit.train.evaluate_rm import ScoreConfig, run_score
+
+    family, out, _, _ = trained
+    rows = [{"prompt": f"What colour is item {i % 3}?", "response": r}
+            for i, r in enumerate(["Red.", "It is blue, I think.", "No.", "The colour of item 1 is red.", "Whatever.",
+                                   "I will not tell you that.", "Green, or maybe yellow; I am not sure at all."])]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = ScoreConfig(model=ModelConfig(path=str(out)), batch_size=4, output=str(tmp_path / "scores.jsonl"))
+    cfg.data.path = str(src)
+    run_score(cfg)
+    got = torch.tensor([json.loads(line)["score"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()])
+    model, tok = _plain(out)
+    records = [RatedExample(prompt=[{"role": "user", "content": r["prompt"]}], response=r["response"], score=0.0)
+               for r in rows]
+    items, _ = tokenize_records(records, tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+    # the rows score_sequences made share the prompts (three prompts, seven rows)
+    assert len(plan_rows(items, *_cost_model(ScalarHead(load_reward_model(ModelConfig(path=str(out))))))) == 3
+    torch.testing.assert_close(got, _plain_scores(model, [it["prompt_ids"] + it["response_ids"] for it in items]),
+                               atol=1e-5, rtol=0)
+
+
+def test_reward_mean_auto_measures_the_final_model_where_the_mean_is_folded_into_a_bias():
+    import copy
+
+    from alignkit.train.rm import RMConfig, reward_mean_choice
+
+    plain = _rm("llama")
+    biased = copy.deepcopy(plain)
+    biased.score = torch.nn.Linear(32, 1, bias=True)
+    assert reward_mean_choice("auto", plain) == "training"  # only recorded: the free running mean
+    assert reward_mean_choice("auto", biased) == "final"  # subtracted from the bias: exact
+    assert reward_mean_choice("training", biased) == "training"
+    cfg = RMConfig(reward_mean="last")
+    with pytest.raises(ValueError, match="reward_mean must be auto, training, final; got 'last'"):
+        cfg.validate()
