@@ -1,7 +1,8 @@
 """Reward-model scoring on the fast path, against a plain per-example Hugging Face forward.
 
 * ``score`` / :class:`~alignkit.rollout.rewards.RewardModel` (what ppo, grpo, rloo, rs and
-  ``alignkit score`` read): responses to the same prompt two per row with the prompt computed once,
+  ``alignkit score`` read, through :func:`alignkit.models.scoring.score_sequences`): responses to
+  the same prompt in one row with the prompt computed once,
   rows in length order, the head read at each sequence's last token only; an encoder, which cannot
   share a prompt, on padded rows. Each score equals ``AutoModelForSequenceClassification`` on that
   conversation alone, in the input order, on five decoder families and BERT.
@@ -21,7 +22,8 @@ import torch
 from alignkit.data import RatedExample, tokenize_records
 from alignkit.models.factory import TINY_FAMILY_SHAPES, tiny_family_model
 from alignkit.models.heads import ScalarHead
-from alignkit.rollout.rewards import RewardModel, shared_prompt_pairs
+from alignkit.models.scoring import _cost_model, plan_rows
+from alignkit.rollout.rewards import RewardModel
 
 DECODERS = ["llama", "gpt2", "opt", "gpt_neox", "phi3"]
 
@@ -62,29 +64,30 @@ def _alone(model, ids):
 
 @pytest.mark.parametrize("family", DECODERS + ["bert"])
 def test_score_equals_one_plain_forward_per_conversation(family, tiny_tokenizer, monkeypatch):
-    import alignkit.data.prefix_sharing as prefix_sharing
+    import alignkit.models.scoring as scoring
 
     model = _head(family, tiny_tokenizer)
     items = _items(tiny_tokenizer)
     want = torch.tensor([_alone(model, it["prompt_ids"] + it["response_ids"]) for it in items])
     shared = []
-    real = prefix_sharing.collate_prefix_shared
-    monkeypatch.setattr(prefix_sharing, "collate_prefix_shared", lambda *a, **k: shared.append(1) or real(*a, **k))
+    real = scoring.collate_prompt_groups
+    monkeypatch.setattr(scoring, "collate_prompt_groups", lambda *a, **k: shared.append(1) or real(*a, **k))
     got = RewardModel(ScalarHead(model), tiny_tokenizer, batch_size=4)([p for p, _ in ROWS], [r for _, r in ROWS])
     torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=0)
     # decoders share each prompt (a refused encoder takes padded rows)
     assert bool(shared) == (family != "bert")
 
 
-def test_responses_to_one_prompt_go_two_per_row(tiny_tokenizer):
+def test_responses_to_one_prompt_share_one_row(tiny_tokenizer):
+    """The rows score_sequences makes here: each prompt once, with all its responses."""
     items = _items(tiny_tokenizer)
-    rows = shared_prompt_pairs(items)
-    assert sorted((i, j) for _, i, j in rows) == [(0, 2), (1, -1), (3, 5), (4, -1)]
-    for row, i, j in rows:
-        assert row["prompt_ids"] == items[i]["prompt_ids"] and row["chosen_ids"] == items[i]["response_ids"]
-        assert row["rejected_ids"] == (items[j]["response_ids"] if j >= 0 else [])
+    rows = plan_rows(items, *_cost_model(ScalarHead(_head("llama", tiny_tokenizer))))
+    assert sorted(sorted(idx) for _, idx in rows) == [[0, 2, 4], [1], [3, 5]]
+    for prompt, idx in rows:
+        assert all(items[i]["prompt_ids"] == prompt for i in idx)
     # the shared rows hold fewer tokens than one row per conversation
-    assert sum(r["length"] for r, _, _ in rows) < sum(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
+    shared = sum(len(p) + sum(len(items[i]["response_ids"]) for i in idx) for p, idx in rows)
+    assert shared < sum(len(it["prompt_ids"]) + len(it["response_ids"]) for it in items)
 
 
 def test_score_without_a_shared_prompt_reads_padded_rows_in_the_input_order(tiny_tokenizer):

@@ -75,78 +75,15 @@ class RewardModel(RewardSource):
     @torch.no_grad()
     def __call__(self, prompts, responses):
         from alignkit.data import RatedExample, tokenize_records
+        from alignkit.models.scoring import score_sequences
 
         self._check(prompts, responses)
         records = [RatedExample(prompt=list(p), response=r, score=0.0) for p, r in zip(prompts, responses)]
         items, _ = tokenize_records(records, self.tokenizer, max_length=self.max_length,
                                     max_prompt_length=self.max_prompt_length)
-        return score_rows(self.head, items, self.tokenizer.pad_token_id, self.batch_size)
-
-
-def shared_prompt_pairs(items: Sequence[dict]) -> list[tuple[dict, int, int]]:
-    """Rows of tokenised ``(prompt_ids, response_ids)`` items, two responses to one prompt per
-    row where two share the prompt: ``[(pair item, i, j)]`` with the pair item in the layout of
-    :func:`alignkit.data.prefix_sharing.collate_prefix_shared` (``chosen_ids`` = item i's
-    response, ``rejected_ids`` = item j's, or empty and j = −1 when i's prompt has no partner left).
-
-    Responses to one prompt are common in scoring (GRPO's and RLOO's groups, rejection sampling's
-    N samples, a file of several answers per question); two per row is the pair layout every
-    trainer already uses (tested on every family it accepts), and it keeps the dense attention of
-    a row at most (P + 2R)², not growing with the group."""
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    for i, it in enumerate(items):
-        by_prompt.setdefault(tuple(it["prompt_ids"]), []).append(i)
-    rows = []
-    for idx in by_prompt.values():
-        for k in range(0, len(idx), 2):
-            i, j = idx[k], (idx[k + 1] if k + 1 < len(idx) else -1)
-            a, b = items[i]["response_ids"], (items[j]["response_ids"] if j >= 0 else [])
-            P = len(items[i]["prompt_ids"])
-            rows.append((dict(prompt_ids=list(items[i]["prompt_ids"]), chosen_ids=list(a), rejected_ids=list(b),
-                              margin=0.0, weight=1.0, group=-1, length=P + len(a) + len(b)), i, j))
-    return rows
-
-
-def score_rows(head, items: Sequence[dict], pad_token_id: int, batch_size: int = 32) -> Tensor:
-    """Rewards ``(N,)`` of tokenised ``(prompt_ids, response_ids)`` items, in their order: the
-    scalar head at each conversation's last token, as one padded forward per item would read it.
-
-    Where the model is served exactly by prefix sharing (:func:`~alignkit.models.masks.batching_refusal`),
-    responses to the same prompt go two per row with the prompt computed once
-    (:func:`shared_prompt_pairs`); otherwise padded rows. Either way the rows go through the
-    model in order of length (less padding) and only the last token of each sequence goes through
-    the last MLP and the head (:func:`~alignkit.models.heads.sequence_rewards`). ``batch_size``
-    counts sequences per forward."""
-    from alignkit.data import collate_rated
-    from alignkit.data.prefix_sharing import collate_prefix_shared
-    from alignkit.models.heads import sequence_rewards
-    from alignkit.models.masks import batching_refusal
-
-    scores = torch.empty(len(items))
-    if not items:
-        return scores
-    device = next(head.parameters()).device
-    rows = shared_prompt_pairs(items) if batching_refusal("prefix_shared", getattr(head, "model", head)) is None else []
-    if any(j >= 0 for _, _, j in rows):  # some prompt is shared: two sequences per row
-        rows.sort(key=lambda row: row[0]["length"])
-        per_forward = max(1, batch_size // 2)
-        for start in range(0, len(rows), per_forward):
-            chunk = rows[start : start + per_forward]
-            batch = collate_prefix_shared([r for r, _, _ in chunk], pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-            r = sequence_rewards(head, batch, ends=batch["last_index"]).float().cpu()  # (2b,) first then second
-            for k, (_, i, j) in enumerate(chunk):
-                scores[i] = r[k]
-                if j >= 0:
-                    scores[j] = r[len(chunk) + k]
-        return scores
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["prompt_ids"]) + len(items[i]["response_ids"]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        batch = collate_rated([items[i] for i in idx], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
-        scores[idx] = sequence_rewards(head, batch).float().cpu()  # (b,)
-    return scores
+        # length-sorted batches; responses to one prompt (a GRPO group, rejection sampling's N, a
+        # file of several answers per question) share one row where exact and cheaper
+        return score_sequences(self.head, items, self.tokenizer.pad_token_id, self.batch_size)
 
 
 class WeightedSum(RewardSource):
