@@ -185,8 +185,8 @@ def final_reward_mean(head, items: list[dict], pad_id: int, objective: str, batc
     """The trained model's mean raw reward over the first :data:`FINAL_MEAN_SEQUENCES` training
     sequences (chosen and rejected both): one no-grad pass, pairs prefix-shared where the model is
     served exactly, each reward read at its sequence's last token only. Equal to the mean of
-    ``AutoModelForSequenceClassification`` on each sequence alone (tests/test_rm_fast.py). Its cost
-    against the padded pass of earlier versions: ``benchmarks/bench_rm_eval.py``, docs/batching.md."""
+    ``AutoModelForSequenceClassification`` on each sequence alone (tests/test_rm_fast.py). It costs what
+    eval-rm costs per pair, not a padded forward (``benchmarks/bench_rm_scoring.py``, docs/batching.md)."""
     if objective == "pairwise":
         sample = items[: FINAL_MEAN_SEQUENCES // 2]
         chosen, rejected = score_pairs(head, sample, pad_id, batch_size, scoring_batching(head.model))
