@@ -1,6 +1,7 @@
 """CPU time of reward-model scoring: eval-rm, score, and the centring pass the rm trainer no longer runs.
 
     python benchmarks/bench_rm_scoring.py [--pairs 96] [--hidden 128] [--layers 4] [--repeats 2] [--gguf PATH]
+                                          [--only train,eval_padded,eval_shared,centring,score_before,...]
 
 A tiny Llama reward model (``--hidden``, ``--layers``, a 2,048-token BPE vocabulary trained on the
 sample; or, with ``--gguf``, SmolLM2 converted from a GGUF file with a fresh one-output head) reads
@@ -12,12 +13,14 @@ process; the best of ``--repeats``. Reported, in CPU seconds and per pair:
   rm default), the yardstick: evaluation should cost no more per pair;
 * ``eval-rm padded`` / ``eval-rm prefix_shared``: :func:`alignkit.train.rm.score_pairs` under each
   batching (eval-rm's default is prefix_shared where the model is served exactly);
-* ``centring pass (removed)``: a padded no-grad pass over the pairs in file order, 16 per batch,
-  what a post-training centring pass over up to 512 pairs costs; the rm trainer now takes the mean
-  from its training forwards (0 s);
+* ``centring pass``: a padded no-grad pass over the pairs in file order, 16 per batch: what the
+  issue's post-training centring pass cost per pair; ``reward_mean=training`` takes the mean from
+  the training forwards (0 s), ``reward_mean=final`` reads the trained model prefix-shared at the
+  last token (the eval-rm prefix_shared row's cost per pair);
 * ``score before`` / ``score now``: ``alignkit score`` / RewardModel on both responses of each pair
   as rows (two responses per prompt, as in a GRPO group or rejection sampling), before (padded rows
-  in file order, 32 per forward) and now (two responses per prefix-shared row, length-sorted);
+  in file order, 32 per forward) and now (:func:`alignkit.models.scoring.score_sequences`: the
+  responses to one prompt in one row where a FLOPs estimate says it is cheaper, length-sorted);
   ``score distinct prompts``: the chosen responses only (no prompt shared: length-sorted padded rows).
 """
 
@@ -75,12 +78,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gguf", default="")
     ap.add_argument("--tmp", default="/tmp/alignkit-bench-rm")
+    ap.add_argument("--only", default="", help="comma-separated row names to measure (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
     from alignkit.data import RatedExample, collate_pairs, collate_rated, load_dataset_records, tokenize_records
     from alignkit.models.heads import ScalarHead, sequence_rewards
-    from alignkit.rollout.rewards import score_rows
+    from alignkit.models.scoring import score_sequences
     from alignkit.train.rm import pairwise_batch_loss, score_pairs
 
     model, tok = build(args, Path(args.tmp))
@@ -118,18 +122,21 @@ def main() -> None:
             batch = {k: v for k, v in collate_rated(rows[i : i + 32], pad).items() if torch.is_tensor(v)}
             sequence_rewards(head, batch)
 
-    figures = {
-        "train step (fwd+bwd, padded)": best(train_steps, args.repeats),
-        "eval-rm padded": best(lambda: score_pairs(head, items, pad, 16, "padded"), args.repeats),
-        "eval-rm prefix_shared": best(lambda: score_pairs(head, items, pad, 16, "prefix_shared"), args.repeats),
-        "centring pass (removed)": best(centring_pass, args.repeats),
-        "score before (2 per prompt)": best(lambda: score_before(rated), args.repeats),
-        "score now (2 per prompt)": best(lambda: score_rows(head, rated, pad, 32), args.repeats),
-        "score before (distinct prompts)": best(lambda: score_before(distinct), args.repeats),
-        "score now (distinct prompts)": best(lambda: score_rows(head, distinct, pad, 32), args.repeats),
+    passes = {
+        "train": ("train step (fwd+bwd, padded)", train_steps),
+        "eval_padded": ("eval-rm padded", lambda: score_pairs(head, items, pad, 16, "padded")),
+        "eval_shared": ("eval-rm prefix_shared", lambda: score_pairs(head, items, pad, 16, "prefix_shared")),
+        "centring": ("centring pass (padded, file order)", centring_pass),
+        "score_before": ("score before (2 per prompt)", lambda: score_before(rated)),
+        "score_now": ("score now (2 per prompt)", lambda: score_sequences(head, rated, pad, 32)),
+        "distinct_before": ("score before (distinct prompts)", lambda: score_before(distinct)),
+        "distinct_now": ("score now (distinct prompts)", lambda: score_sequences(head, distinct, pad, 32)),
     }
-    for name, s in figures.items():
-        print(f"{name:34s} {s:8.2f} CPU-s  {1000 * s / n:8.1f} ms per pair")
+    only = [k for k in args.only.split(",") if k] or list(passes)
+    for key in only:
+        name, fn = passes[key]
+        s = best(fn, args.repeats)
+        print(f"{name:36s} {s:8.2f} CPU-s  {1000 * s / n:8.1f} ms per pair", flush=True)
 
 
 if __name__ == "__main__":
