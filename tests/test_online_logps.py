@@ -115,6 +115,7 @@ def test_policy_forward_equals_a_plain_forward_at_the_sampling_temperature(lm, t
 
     def run():
         out = policy_forward(lm, b, temperature, entropy=True)
+        assert out.logps.requires_grad and not out.entropy.requires_grad  # the entropy is a logged metric
         return (out.logps * upstream[0]).sum() + (out.entropy * upstream[1]).sum(), out.logps, out.entropy
 
     results = _on_both_paths(lm, lm, run)

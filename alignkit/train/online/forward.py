@@ -34,7 +34,7 @@ class PolicyForward(NamedTuple):
     logps: Tensor
     """(B, T) log π(a_t|s_t) at the sampling temperature, 0 outside ``response_mask``."""
     entropy: Tensor | None
-    """(B, T) H(π(·|s_t)) at the sampling temperature, 0 outside the mask; None unless asked for."""
+    """(B, T) H(π(·|s_t)) at the sampling temperature, 0 outside the mask, detached (a logged metric); None unless asked for."""
     output: object
     """The model's own output (PPO's ``values`` ride on it; its ``logits`` are ``(B, 0, V)`` on the chunked path)."""
 
@@ -42,13 +42,14 @@ class PolicyForward(NamedTuple):
 def policy_forward(model, batch: RolloutBatch, temperature: float, entropy: bool = False, **kwargs) -> PolicyForward:
     """One forward of ``model`` over [x | y]: log π(a_t|s_t) of the sampled tokens under the
     distribution they were drawn from (the logits divided by the sampling ``temperature``; 0,
-    greedy, reads the undivided distribution), and its entropy if ``entropy``."""
+    greedy, reads the undivided distribution), and its entropy if ``entropy`` (detached: the online
+    losses only log it, so the full path keeps no ``(N, V)`` softmax for a backward pass)."""
     B, L = batch.input_ids.shape
     rows, cols = batch.response_mask.bool().nonzero(as_tuple=True)  # (N,) each: the response tokens that count
     index = rows * L + batch.prompt_width - 1 + cols  # (N,) flat into the (B·L) positions; P−1+t predicts a_t
     tau = temperature if temperature > 0 else 1.0
     out = position_logps(model, batch.model_inputs(), index, batch.response_ids[rows, cols], temperature=tau,
-                         entropy=entropy, **kwargs)
+                         entropy=entropy, entropy_grad=False, **kwargs)
     shape = batch.response_ids.shape  # (B, T)
     logps = out.logps.new_zeros(shape).index_put((rows, cols), out.logps)  # (B, T)
     ent = None if out.entropy is None else out.entropy.new_zeros(shape).index_put((rows, cols), out.entropy)
