@@ -262,3 +262,29 @@ def test_reward_mean_auto_measures_the_final_model_where_the_mean_is_folded_into
     cfg = RMConfig(reward_mean="last")
     with pytest.raises(ValueError, match="reward_mean must be auto, training, final; got 'last'"):
         cfg.validate()
+
+
+def test_eval_rm_scores_each_distinct_sequence_once(monkeypatch):
+    """Under prefix sharing, eval-rm's pairs are read as their distinct sequences: a ranking of
+    three responses (three pairs) costs one prompt and three responses, not six sequences."""
+    import alignkit.models.scoring as scoring
+    from alignkit.train.rm import score_pairs
+
+    prompt, other = _tokens(70, 10), _tokens(71, 7)
+    a, b, c, d, e = (_tokens(72 + k, n) for k, n in enumerate([6, 4, 9, 5, 3]))
+    pairs = [dict(prompt_ids=prompt, chosen_ids=x, rejected_ids=y, margin=0.0, weight=1.0, group=0, length=0)
+             for x, y in [(a, b), (a, c), (b, c)]]
+    pairs.append(dict(prompt_ids=other, chosen_ids=d, rejected_ids=e, margin=0.0, weight=1.0, group=1, length=0))
+    sent = []
+    real = scoring.collate_prompt_groups
+    monkeypatch.setattr(scoring, "collate_prompt_groups",
+                        lambda groups, pad: sent.extend(r for _, rs in groups for r in rs) or real(groups, pad))
+    model = _rm("llama")
+    model.set_attn_implementation("sdpa")
+    chosen, rejected = score_pairs(ScalarHead(model), pairs, PAD, batch_size=2, batching="prefix_shared")
+    assert sorted(map(len, sent)) == [3, 4, 5, 6, 9]  # each response once
+    seq = lambda p, r: dict(prompt_ids=p, response_ids=r)  # noqa: E731
+    torch.testing.assert_close(chosen, _alone(model, [seq(p["prompt_ids"], p["chosen_ids"]) for p in pairs]),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected, _alone(model, [seq(p["prompt_ids"], p["rejected_ids"]) for p in pairs]),
+                               atol=1e-5, rtol=0)

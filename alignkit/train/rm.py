@@ -135,7 +135,7 @@ def regression_batch_loss(seen: RewardMean | None = None):
 
 def scoring_batching(model, batching: str = "auto") -> str:
     """The pair batching for scoring (no gradient) with ``model``: ``auto`` is prefix_shared
-    (each prompt computed once, one row per pair) where the model's family and attention
+    (each prompt computed once, each distinct response once: :func:`score_pairs`) where the model's family and attention
     implementation are served exactly (:func:`~alignkit.models.masks.batching_refusal`), else
     padded; an explicit name is checked and refused if it cannot be exact."""
     if batching == "auto":
@@ -143,6 +143,28 @@ def scoring_batching(model, batching: str = "auto") -> str:
     resolve_pair_batching(batching, False)  # rejects unknown names
     check_batching(batching, model)
     return batching
+
+
+def _score_distinct_sequences(head, items: list[dict], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_pairs` under prefix sharing: (chosen (N,), rejected (N,)) from one reward per
+    distinct sequence; ``batch_size`` counts sequences."""
+    from alignkit.models.scoring import score_sequences
+
+    index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}  # (prompt, response) -> row of `distinct`
+    distinct: list[dict] = []
+    sides = []  # per pair: (index of chosen, index of rejected) in `distinct`
+    for it in items:
+        pair = []
+        for side in ("chosen_ids", "rejected_ids"):
+            key = (tuple(it["prompt_ids"]), tuple(it[side]))
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append({"prompt_ids": it["prompt_ids"], "response_ids": it[side]})
+            pair.append(index[key])
+        sides.append(pair)
+    rewards = score_sequences(head, distinct, pad_id, batch_size, share_prompts=True)  # (S,)
+    which = torch.tensor(sides, dtype=torch.long).view(-1, 2)  # (N, 2)
+    return rewards[which[:, 0]], rewards[which[:, 1]]
 
 
 @torch.no_grad()
@@ -153,7 +175,14 @@ def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16,
 
     Pairs are scored in order of length (less padding per batch) through ``batching`` (see
     :data:`~alignkit.train.common.PAIR_COLLATES`; the caller checks it with
-    :func:`scoring_batching`), each reward read at its sequence's last token only."""
+    :func:`scoring_batching`), each reward read at its sequence's last token only. Under
+    ``prefix_shared`` each distinct (prompt, response) sequence of the pairs is scored once, all
+    responses to a prompt in one row where that is cheaper
+    (:func:`~alignkit.models.scoring.score_sequences`): a pair costs its prompt once and its two
+    responses, and a ranking of K responses expanded into K(K−1)/2 pairs costs one prompt and K
+    responses instead of K(K−1)/2 prompts and K(K−1) responses."""
+    if batching == "prefix_shared":
+        return _score_distinct_sequences(head, items, pad_id, 2 * batch_size)
     device = next(head.parameters()).device
     collate = PAIR_COLLATES[batching]
     order = sorted(range(len(items)), key=lambda i: items[i]["length"])
