@@ -288,3 +288,21 @@ def test_eval_rm_scores_each_distinct_sequence_once(monkeypatch):
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(rejected, _alone(model, [seq(p["prompt_ids"], p["rejected_ids"]) for p in pairs]),
                                atol=1e-5, rtol=0)
+
+
+def test_the_final_mean_is_measured_on_every_process_before_the_save(tiny_dir, tmp_path, monkeypatch):
+    """The final pass runs before ``save_final`` (whose ``write`` runs on the main process only):
+    a sharded model's forward needs every process."""
+    import alignkit.train.rm as rm
+    from alignkit.config import build_config
+    from alignkit.train.loop import Trainer
+
+    order = []
+    real_mean, real_save = rm.final_reward_mean, Trainer.save_final
+    monkeypatch.setattr(rm, "final_reward_mean", lambda *a, **k: order.append("mean") or real_mean(*a, **k))
+    monkeypatch.setattr(Trainer, "save_final", lambda self, *a, **k: order.append("save") or real_save(self, *a, **k))
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pair_rows(4))
+    rm.run_rm(build_config(rm.RMConfig, overrides=[
+        f"model.path={tiny_dir}", f"data.path={data}", "optim.batch_size=4", "optim.max_steps=1",
+        f"run.output_dir={tmp_path / 'rm'}", "run.progress=false", "reward_mean=final"]))
+    assert order == ["mean", "save"]

@@ -313,12 +313,14 @@ def run_rm(cfg: RMConfig):
         )
     trainer = Trainer(head, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
+    head = trainer.unwrapped()
+    head.eval()
+    source = reward_mean_choice(cfg.reward_mean, head.model)
+    # On every process, before the main process saves: a sharded model (FSDP) runs a forward only
+    # with every process taking part.
+    raw_mean = REWARD_MEANS[source](head, seen, data.train, pad, objective, cfg.optim.batch_size)
 
     def write(out):
-        head = trainer.unwrapped()
-        head.eval()
-        source = reward_mean_choice(cfg.reward_mean, head.model)
-        raw_mean = REWARD_MEANS[source](head, seen, data.train, pad, objective, cfg.optim.batch_size)
         mean = save_reward_model(head.model, tokenizer, out, cfg.reward_scale, raw_mean,
                                  extra_config={"alignkit_objective": objective, "alignkit_reward_mean_from": source,
                                                **reward_model_marker(objective=objective)})
