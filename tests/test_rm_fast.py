@@ -118,6 +118,7 @@ def test_the_cost_rule_shares_long_prompts_and_keeps_long_responses_apart():
     assert [len(r[1]) for r in plan_rows(long_prompt, per_token, per_pair)] == [4]
     assert [len(r[1]) for r in plan_rows(short_prompt, per_token, per_pair)] == [1, 1, 1, 1]
     assert [len(r[1]) for r in plan_rows(long_prompt + short_prompt, per_token, 0.0)] == [4, 4]  # no attention cost
+    assert [len(r[1]) for r in plan_rows(long_prompt, per_token, per_pair, max_responses=3)] == [3, 1]  # batch size
 
 
 def test_sharing_is_refused_where_it_cannot_be_exact_and_skipped_without_a_prompt():

@@ -51,10 +51,12 @@ def _cost_model(head) -> tuple[float, float]:
     return 2.0 * weights, 4.0 * layers * width
 
 
-def plan_rows(items: Sequence[dict], per_token: float, per_pair: float) -> list[tuple[list[int], list[int]]]:
+def plan_rows(items: Sequence[dict], per_token: float, per_pair: float,
+              max_responses: int | None = None) -> list[tuple[list[int], list[int]]]:
     """Rows to score ``items`` (``prompt_ids``, ``response_ids``) in: ``(prompt_ids, [item index, …])``
     each, every item in exactly one row. Items with the same prompt ids share a row while that
-    is estimated cheaper than scoring the item alone (module docstring)."""
+    is estimated cheaper than scoring the item alone (module docstring), and at most
+    ``max_responses`` to a row (a forward's batch size: a group of 64 samples is not one row)."""
 
     def cost(T: int) -> float:
         return per_token * T + per_pair * T * T
@@ -69,7 +71,8 @@ def plan_rows(items: Sequence[dict], per_token: float, per_pair: float) -> list[
         row, T = [], P
         for i in members:
             n = len(items[i]["response_ids"])
-            if row and cost(T + n) > cost(T) + cost(P + n):
+            full = max_responses is not None and len(row) >= max_responses
+            if row and (full or cost(T + n) > cost(T) + cost(P + n)):
                 rows.append((list(prompt), row))
                 row, T = [], P
             row.append(i)
@@ -92,7 +95,7 @@ def score_sequences(head, items: Sequence[dict], pad_id: int, batch_size: int = 
     if n == 0:
         return out
     device = next(head.parameters()).device
-    refusal = batching_refusal("prefix_shared", head.model)
+    refusal = batching_refusal("prefix_shared", getattr(head, "model", head))
     repeats = len({tuple(it["prompt_ids"]) for it in items}) < n
     if refusal is None and any(not it["prompt_ids"] for it in items):
         refusal = "a sequence has no prompt token to share"
@@ -108,7 +111,7 @@ def score_sequences(head, items: Sequence[dict], pad_id: int, batch_size: int = 
                      if torch.is_tensor(v)}
             out[idx] = sequence_rewards(head, batch).float().cpu()
         return out
-    rows = plan_rows(items, *_cost_model(head))
+    rows = plan_rows(items, *_cost_model(head), max_responses=batch_size)
     rows.sort(key=lambda r: len(r[0]) + sum(len(items[i]["response_ids"]) for i in r[1]))
     start = 0
     while start < len(rows):
