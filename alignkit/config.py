@@ -167,7 +167,7 @@ class RunConfig:
     padding_free: bool = False
     """Pack several examples per row with block-diagonal attention instead of padding (SFT, RM)."""
     logps_path: str = "auto"
-    """Log-probs of sft, dpo, kto, critic, rs: 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
+    """Log-probs of sft, dpo, kto, critic, rs, ppo, grpo, rloo (at the sampling temperature): 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -123,19 +123,16 @@ class RewardModel(RewardSource):
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        from alignkit.data import RatedExample, collate_rated, tokenize_records
-        from alignkit.models.heads import sequence_rewards
+        from alignkit.data import RatedExample, tokenize_records
+        from alignkit.models.scoring import score_sequences
 
         self._check(prompts, responses)
         records = [RatedExample(prompt=list(p), response=r, score=0.0) for p, r in zip(prompts, responses)]
         items, _ = tokenize_records(records, self.tokenizer, max_length=self.max_length,
                                     max_prompt_length=self.max_prompt_length)
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            batch = collate_rated(items[i : i + self.batch_size], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-            out.append(sequence_rewards(self.head, batch).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        # length-sorted batches; responses to one prompt (a GRPO group, rejection sampling's N, a
+        # file of several answers per question) share one row where exact and cheaper
+        return score_sequences(self.head, items, self.tokenizer.pad_token_id, self.batch_size)
 
 
 class WeightedSum(RewardSource):

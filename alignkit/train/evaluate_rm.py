@@ -42,7 +42,7 @@ class ScoreConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False))
     """Rows with `prompt` and `response` (a `score` field, if present, is not used: it is written out as `label`)."""
     batch_size: int = 32
-    """Rows scored per forward pass."""
+    """About this many rows scored per forward pass (rows are length-sorted; responses to one prompt share one row prompt ‖ y_1 ‖ … ‖ y_K where exact and cheaper, docs/batching.md). Every batching gives the same scores."""
     output: str = "scores.jsonl"
     """Output JSONL file: each input row's prompt and response with its `score`."""
 
