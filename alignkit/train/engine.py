@@ -35,7 +35,7 @@ import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,42 @@ def launched_on_cpu_only() -> bool:
     return not (is_xpu_available() or is_npu_available())
 
 
+def fsdp_requested() -> bool:
+    """True when the launch asked for FSDP (``distributed_type: FSDP`` in the accelerate config, or
+    ``--use_fsdp``: accelerate passes it on as ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fsdp_on_cpu_state() -> None:
+    """Make accelerate run FSDP on a CPU-only multi-process launch.
+
+    accelerate selects FSDP only for GPU-like devices: with ``cpu=True`` (needed to join the
+    processes over gloo) it silently falls back to DDP, so an "FSDP" run on the CPU would hold the
+    whole model in every process. torch's FSDP 2 itself runs on the CPU over gloo (all-gather and
+    reduce-scatter of DTensor shards), so the process group is created for the CPU first and then
+    marked FSDP; :func:`_attach_fsdp_plugin` gives the accelerator the plugin it would have read
+    from the launch's ``FSDP_*`` variables."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _attach_fsdp_plugin(acc, mixed_precision: str) -> None:
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if acc.state.distributed_type != DistributedType.FSDP:
+        raise RuntimeError(f"FSDP was asked for on the CPU but accelerate set up {acc.state.distributed_type}; "
+                           "launch with `accelerate launch --config_file examples/accelerate/fsdp.yaml`")
+    if getattr(acc.state, "fsdp_plugin", None) is None:
+        plugin = FullyShardedDataParallelPlugin()
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        acc.state.fsdp_plugin = plugin
+
+
 def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module | None = None):
     """The accelerate engine for ``run``; ``model`` (the one to be trained) informs the
     mixed-precision choice (:func:`choose_mixed_precision`)."""
@@ -141,14 +177,20 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
             trackers.append(name)
         else:
             raise ValueError(f"run.report_to: unknown logger {name!r}; use jsonl, tensorboard, wandb or mlflow")
+    on_cpu = launched_on_cpu_only()
+    if on_cpu and fsdp_requested():
+        _fsdp_on_cpu_state()
     acc = Accelerator(
-        cpu=launched_on_cpu_only(),
+        cpu=on_cpu,
         mixed_precision=mp,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "tb")),
     )
+    if on_cpu and fsdp_requested():
+        _attach_fsdp_plugin(acc, mp)
     if acc.is_main_process:
-        print(f"[alignkit] device={acc.device} processes={acc.num_processes} mixed_precision={mp} ({why}); "
+        print(f"[alignkit] device={acc.device} processes={acc.num_processes} "
+              f"engine={str(acc.distributed_type).split('.')[-1]} mixed_precision={mp} ({why}); "
               f"gradient_checkpointing={'on' if run.gradient_checkpointing else 'off'}"
               f"{'' if run.gradient_checkpointing else ' (enable with run.gradient_checkpointing=true to save memory)'}")
     return acc
@@ -194,6 +236,66 @@ def prepare_model(model: torch.nn.Module, run: RunConfig, dropout: bool = True) 
         raise ValueError(f"run.gradient_checkpointing=true, but {type(model).__name__} holds no transformers model "
                          "that supports it; set run.gradient_checkpointing=false")
     return model
+
+
+def unsharded_architectures(folder: Path) -> None:
+    """FSDP 2 renames a sharded class ``FSDP<Class>``, and ``save_pretrained`` writes that name in
+    ``config.json``'s ``architectures``: write the model's own class name there instead, so the
+    folder is the plain HF directory one process writes."""
+    for path in Path(folder).rglob("config.json"):
+        cfg = json.loads(path.read_text())
+        names = cfg.get("architectures") or []
+        fixed = [n[len("FSDP"):] if n.startswith("FSDP") else n for n in names]
+        if fixed != names:
+            cfg["architectures"] = fixed
+            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP 2 units inside ``model`` (outermost first), empty when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP 2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def full_weights(model: torch.nn.Module):
+    """Under FSDP 2, the whole model's weights gathered on every process for the duration of the
+    block, and sharded again at its end; anywhere else, nothing.
+
+    A sharded model all-gathers each block's weights inside every forward call, a collective every
+    process must join. Generation, rollout scoring, evaluation and saving make a *different* number
+    of forward calls on each process (their shares differ, responses end at different lengths, the
+    main process alone writes the model), which would hang. Inside this block every unit is
+    gathered once (one all-gather per unit, in the same order on every process) and stays gathered
+    across forward calls (its reshard-after-forward is switched off), so forwards make no
+    collectives; the gathered copy is freed as soon as the block ends. Enter it on every process.
+    """
+    units = fsdp_modules(model)
+    if not units:
+        yield model
+        return
+    # The outermost unit must be the root: FSDP 2 makes whichever unit first runs forward the
+    # root, and generation may start at an inner one (a PPO policy inside its actor-critic).
+    units[0]._get_fsdp_state()._lazy_init()
+    # Each unit's reshard-after-forward setting, to put back afterwards (FSDP 2 keeps it as the
+    # mesh its parameter groups reshard to, and an "auto" flag for the root).
+    saved = [(m._get_fsdp_state(), m._get_fsdp_state()._auto_reshard_after_forward,
+              [g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups]) for m in units]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for state, auto, meshes in saved:
+            state._auto_reshard_after_forward = auto
+            for g, mesh in zip(state._fsdp_param_groups, meshes):
+                g.post_forward_mesh_info = mesh
+        for m in units:
+            m.reshard()
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
@@ -459,12 +561,17 @@ class Engine:
         out = Path(output_dir or self.run.output_dir)
         result = None
         try:
-            check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
-            if self.acc.is_main_process:
-                # Atomic: written aside, then moved into place (train/outputs.py final_save).
-                with final_save(out, {"command": self.name, "steps": self.total_steps}) as tmp:
-                    result = write(tmp)
-            self.acc.wait_for_everyone()
+            # FSDP: the full weights on every process while the main one writes them (a plain HF
+            # directory, as from one process); sharded again afterwards.
+            with full_weights(self.unwrapped()):
+                check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
+                if self.acc.is_main_process:
+                    # Atomic: written aside, then moved into place (train/outputs.py final_save).
+                    with final_save(out, {"command": self.name, "steps": self.total_steps}) as tmp:
+                        result = write(tmp)
+                        if fsdp_modules(self.unwrapped()):
+                            unsharded_architectures(tmp)
+                self.acc.wait_for_everyone()
         finally:
             self._release()
         return result
@@ -517,7 +624,7 @@ class Engine:
         model = self.unwrapped()
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), full_weights(model):  # FSDP: every process may run a different number of forwards
             out = fn(model)
         model.train(was_training)
         return out
