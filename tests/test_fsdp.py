@@ -126,7 +126,7 @@ def _worker(tiny_dir: str, out: str) -> None:
         trainer, result = train_offline(kind, tiny_dir, str(out / kind), batch_size=2, grad_accum=2)
         assert trainer.acc.num_processes == 2 and fsdp_modules(trainer.model), f"{kind}: not sharded"
         state = full_state(trainer)
-        if kind == "sft":  # the final model: a plain HF directory written from the shards
+        if kind in ("sft", "sft_lora_gc"):  # the final model: a plain HF directory written from the shards
             trainer.save_final(lambda d: save_model(trainer.unwrapped(), tokenizer, d))
         if trainer.acc.is_main_process:
             torch.save(state, out / f"{kind}.pt")
@@ -195,8 +195,15 @@ def test_fsdp_equals_one_process(kind, fsdp_run, tiny_dir, tmp_path):
     assert [round(h["loss"], 5) for h in history] == [round(h["loss"], 5) for h in result.history]
     one = {k: v.detach() for k, v in single.unwrapped().state_dict().items()}
     _compare(one, torch.load(fsdp_run / f"{kind}.pt"), None, kind)
-    if kind == "sft_lora_gc":  # the adapter trained, the base stayed
+    if kind == "sft_lora_gc":  # the merged model written from the shards equals the one written by one process
+        from safetensors.torch import load_file
+
+        from alignkit.models.loading import load_tokenizer, save_model
+
         assert any("lora_" in k for k in one)
+        single.save_final(lambda d: save_model(single.unwrapped(), load_tokenizer(str(tiny_dir)), d))
+        _compare(load_file(tmp_path / kind / "model.safetensors"), load_file(fsdp_run / kind / "model.safetensors"),
+                 load_file(tiny_dir / "model.safetensors"), "sft_lora_gc merged")
 
 
 def test_fsdp_resume_from_checkpoint_equals_uninterrupted(fsdp_run):
@@ -208,17 +215,20 @@ def test_fsdp_resume_from_checkpoint_equals_uninterrupted(fsdp_run):
     _compare(full, resumed, None, "resumed")
 
 
-def test_fsdp_saved_model_is_a_plain_hf_directory(fsdp_run):
+@pytest.mark.parametrize("kind", ["sft", "sft_lora_gc"])
+def test_fsdp_saved_model_is_a_plain_hf_directory(kind, fsdp_run):
     from transformers import AutoModelForCausalLM
 
-    folder = fsdp_run / "sft"
+    folder = fsdp_run / kind
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"], cfg["architectures"]
     model = AutoModelForCausalLM.from_pretrained(folder)
-    state = torch.load(fsdp_run / "sft.pt")
     loaded = model.state_dict()
-    for k, v in state.items():
-        assert torch.equal(loaded[k], v), k
+    if kind == "sft":
+        for k, v in torch.load(fsdp_run / "sft.pt").items():
+            assert torch.equal(loaded[k], v), k
+    else:  # merged: the base's names, no adapter weights; the adapter kept beside it
+        assert not any("lora_" in k or "base_layer" in k for k in loaded) and (folder / "adapter").is_dir()
 
 
 @pytest.mark.parametrize("kind", ONLINE)

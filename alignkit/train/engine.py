@@ -284,9 +284,18 @@ def full_weights(model: torch.nn.Module):
     # mesh its parameter groups reshard to, and an "auto" flag for the root).
     saved = [(m._get_fsdp_state(), m._get_fsdp_state()._auto_reshard_after_forward,
               [g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups]) for m in units]
+    groups = [g for state, _, _ in saved for g in state._fsdp_param_groups]
     for m in units:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
+    # FSDP's state-dict hooks would reshard the weights at ``state_dict()`` (and a save on the main
+    # process alone would then wait forever for the others to gather them): off inside the block,
+    # so ``state_dict()`` / ``save_pretrained`` see the gathered, plain weights.
+    for g in groups:
+        for handles in (g._module_to_pre_save_state_dict_hook_handle, g._module_to_pre_load_state_dict_hook_handle):
+            for h in handles.values():
+                h.remove()
+            handles.clear()
     try:
         yield model
     finally:
@@ -294,6 +303,8 @@ def full_weights(model: torch.nn.Module):
             state._auto_reshard_after_forward = auto
             for g, mesh in zip(state._fsdp_param_groups, meshes):
                 g.post_forward_mesh_info = mesh
+        for g in groups:
+            g._register_state_dict_hooks()
         for m in units:
             m.reshard()
 
