@@ -262,3 +262,62 @@ def test_fsdp_rejection_sampling_equals_one_process(fsdp_run, tiny_dir, tmp_path
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+# ---- DeepSpeed: refused at start-up where it cannot run ---------------------------------------------
+
+DEEPSPEED_FILES = sorted((REPO / "examples" / "accelerate").glob("deepspeed_zero*.yaml"))
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.stem)
+def test_deepspeed_launch_stops_with_what_to_do_on_a_machine_without_it(path, monkeypatch, tmp_path):
+    import yaml
+
+    from alignkit.config import RunConfig
+    from alignkit.train import engine
+
+    zero = yaml.safe_load(path.read_text())["deepspeed_config"]
+    # What `accelerate launch --config_file <path>` passes on to each process.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(zero["zero_stage"]))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", str(zero["gradient_accumulation_steps"]))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_CLIPPING", str(zero["gradient_clipping"]))
+    run = RunConfig(output_dir=str(tmp_path), progress=False, report_to="jsonl")
+    monkeypatch.setattr(engine, "deepspeed_unavailable", lambda: "DeepSpeed is not installed (`pip install deepspeed`)")
+    with pytest.raises(RuntimeError, match=rf"DeepSpeed ZeRO-{zero['zero_stage']}.*not installed.*fsdp\.yaml"):
+        engine.make_accelerator(run)
+    monkeypatch.undo()
+    # This machine, as it is: no GPU (and no DeepSpeed) here, so the real check refuses too.
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        with pytest.raises(RuntimeError, match="not installed|no CUDA GPU"):
+            engine.make_accelerator(run)
+
+
+def test_deepspeed_without_gpu_names_the_gpu(monkeypatch):
+    import importlib.util
+
+    from alignkit.train import engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU" in engine.deepspeed_unavailable()
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.stem)
+def test_shipped_deepspeed_settings_leave_accumulation_and_clipping_to_alignkit(path, monkeypatch):
+    import yaml
+
+    from alignkit.train import engine
+
+    zero = yaml.safe_load(path.read_text())["deepspeed_config"]
+    assert engine.deepspeed_config_problems(zero) == []
+    assert engine.deepspeed_config_problems({**zero, "gradient_accumulation_steps": 4})
+    assert engine.deepspeed_config_problems({**zero, "gradient_clipping": 1.0})
+    # ... and the launch check applies it (on a machine where DeepSpeed could run).
+    monkeypatch.setattr(engine, "deepspeed_unavailable", lambda: None)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps: 4.*optim.grad_accum"):
+        engine.check_deepspeed_launch()

@@ -119,6 +119,58 @@ def launched_on_cpu_only() -> bool:
     return not (is_xpu_available() or is_npu_available())
 
 
+def deepspeed_unavailable() -> str | None:
+    """Why DeepSpeed ZeRO cannot run on this machine, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed (`pip install deepspeed`, which needs a CUDA toolchain)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible, and DeepSpeed ZeRO trains on GPUs"
+    return None
+
+
+def deepspeed_config_problems(zero: dict[str, Any]) -> list[str]:
+    """What in an accelerate ``deepspeed_config`` section (or the launch's variables, same keys)
+    alignkit cannot run with: it accumulates gradients and clips them itself
+    (``optim.grad_accum``, ``optim.max_grad_norm``), so DeepSpeed's must be 1 and off, or each
+    step would accumulate twice and clip twice."""
+    problems = []
+    accum = zero.get("gradient_accumulation_steps")
+    if accum not in (None, "", "auto") and int(accum) != 1:
+        problems.append(f"gradient_accumulation_steps: {accum} (set 1 and use optim.grad_accum)")
+    clip = zero.get("gradient_clipping")
+    if clip not in (None, "", "none", "auto") and float(clip) != 0.0:
+        problems.append(f"gradient_clipping: {clip} (set 0.0 and use optim.max_grad_norm)")
+    stage = zero.get("zero_stage")
+    if stage not in (None, "") and int(stage) not in (0, 1, 2, 3):
+        problems.append(f"zero_stage: {stage} (0-3)")
+    return problems
+
+
+def check_deepspeed_launch() -> None:
+    """Stop at start-up, with what to do instead, when the launch asked for DeepSpeed
+    (``distributed_type: DEEPSPEED``, passed on as ``ACCELERATE_USE_DEEPSPEED``) and this machine
+    cannot run it, or its settings fight alignkit's own accumulation and clipping."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+    why = deepspeed_unavailable()
+    if why is not None:
+        raise RuntimeError(
+            f"this run was launched with DeepSpeed ZeRO-{stage} (an accelerate config with distributed_type: DEEPSPEED, "
+            f"e.g. examples/accelerate/deepspeed_zero{stage}.yaml), but {why}. On this machine launch with "
+            "examples/accelerate/fsdp.yaml instead (FSDP 2 shards parameters, gradients and optimizer state like "
+            "ZeRO-3, and runs on the CPU too) or ddp.yaml; see docs/scaling.md")
+    problems = deepspeed_config_problems({
+        "zero_stage": os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"),
+        "gradient_accumulation_steps": os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
+        "gradient_clipping": os.environ.get("ACCELERATE_GRADIENT_CLIPPING")})
+    if problems:
+        raise ValueError("the DeepSpeed settings of this launch cannot run with alignkit: " + "; ".join(problems)
+                         + " (in the accelerate config's deepspeed_config section; the shipped files have them right)")
+
+
 def fsdp_requested() -> bool:
     """True when the launch asked for FSDP (``distributed_type: FSDP`` in the accelerate config, or
     ``--use_fsdp``: accelerate passes it on as ``ACCELERATE_USE_FSDP``)."""
@@ -143,11 +195,8 @@ def _fsdp_on_cpu_state() -> None:
 
 
 def _attach_fsdp_plugin(acc, mixed_precision: str) -> None:
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
-    if acc.state.distributed_type != DistributedType.FSDP:
-        raise RuntimeError(f"FSDP was asked for on the CPU but accelerate set up {acc.state.distributed_type}; "
-                           "launch with `accelerate launch --config_file examples/accelerate/fsdp.yaml`")
     if getattr(acc.state, "fsdp_plugin", None) is None:
         plugin = FullyShardedDataParallelPlugin()
         if mixed_precision != "no":
@@ -161,6 +210,7 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    check_deepspeed_launch()
     mp, why = choose_mixed_precision(run.mixed_precision, model)
     trackers = []
     for name in [n.strip() for n in run.report_to.split(",") if n.strip()]:
@@ -260,6 +310,10 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+#: Attribute set on every module of a model while :func:`full_weights` holds its gathered weights.
+GATHERED = "_alignkit_full_weights"
+
+
 @contextmanager
 def full_weights(model: torch.nn.Module):
     """Under FSDP 2, the whole model's weights gathered on every process for the duration of the
@@ -296,9 +350,16 @@ def full_weights(model: torch.nn.Module):
             for h in handles.values():
                 h.remove()
             handles.clear()
+    # Marks the modules gathered: a generator then tells ``generate`` that no process needs to
+    # wait for the others (transformers otherwise syncs every token of an FSDP model over all
+    # processes, assuming each forward gathers: with different prompt counts that hangs).
+    for m in model.modules():
+        m.__dict__[GATHERED] = True
     try:
         yield model
     finally:
+        for m in model.modules():
+            m.__dict__.pop(GATHERED, None)
         for state, auto, meshes in saved:
             state._auto_reshard_after_forward = auto
             for g, mesh in zip(state._fsdp_param_groups, meshes):
