@@ -123,7 +123,10 @@ def _worker(tiny_dir: str, out: str) -> None:
     out = Path(out)
     tokenizer = load_tokenizer(tiny_dir)
     for kind in OFFLINE:
-        trainer, result = train_offline(kind, tiny_dir, str(out / kind), batch_size=2, grad_accum=2)
+        # KTO's reference point z₀ is a statistic of each micro-batch (all-reduced over processes,
+        # not accumulated over micro-batches), so its split must not cut the global batch in time.
+        batch, accum = (4, 1) if kind == "kto" else (2, 2)
+        trainer, result = train_offline(kind, tiny_dir, str(out / kind), batch_size=batch, grad_accum=accum)
         assert trainer.acc.num_processes == 2 and fsdp_modules(trainer.model), f"{kind}: not sharded"
         state = full_state(trainer)
         if kind in ("sft", "sft_lora_gc"):  # the final model: a plain HF directory written from the shards

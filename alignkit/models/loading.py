@@ -383,10 +383,11 @@ def _merged_in_place(model) -> dict:
     unmerged again. Called inside :func:`alignkit.train.engine.full_weights` (plain weights)."""
     model.merge_adapter()
     try:
-        state = {}
-        for name, tensor in model.get_base_model().state_dict().items():
-            if "lora_" in name:
+        state, seen = {}, set()
+        for name, tensor in model.get_base_model().state_dict(keep_vars=True).items():
+            if "lora_" in name or id(tensor) in seen:  # a tied weight is written once, as save_pretrained does
                 continue
+            seen.add(id(tensor))
             state[name.replace(".base_layer.", ".")] = tensor.detach().clone()
     finally:
         model.unmerge_adapter()

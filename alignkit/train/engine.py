@@ -370,6 +370,31 @@ def full_weights(model: torch.nn.Module):
             m.reshard()
 
 
+def _keep_ties_through_sharding(model: torch.nn.Module) -> None:
+    """accelerate's FSDP 2 preparation re-creates the parameters (on the meta device, then loaded)
+    and re-ties shared weights by calling ``model.tie_weights()``, which only a transformers model
+    has. A wrapper (PPO's actor-critic) gets one that re-ties every transformers model inside it;
+    otherwise a tied output head would come out as a separate parameter the optimizer never sees."""
+    from transformers import PreTrainedModel
+
+    if hasattr(model, "tie_weights"):
+        return
+    inner = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if inner:
+        model.tie_weights = lambda *args, **kwargs: [m.tie_weights() for m in inner]
+
+
+def _check_optimizer_holds_every_trainable_parameter(model: torch.nn.Module, optimizer) -> None:
+    """After preparation (FSDP replaces parameters), every trainable parameter must be one the
+    optimizer steps: one left out would receive gradients and silently never change."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if left:
+        raise RuntimeError(f"after preparing the model for {type(model).__name__}, {len(left)} trainable parameter(s) are "
+                           f"not in the optimizer ({', '.join(left[:3])}): a weight tie or a parameter was lost in "
+                           "sharding. Report it with the model and the accelerate config")
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -453,7 +478,10 @@ class Engine:
         optimizer = build_optimizer(model, optim)
         # The schedule counts optimizer steps (online: several per rollout).
         scheduler = build_scheduler(optimizer, optim, optimizer_steps or total_steps)
+        if fsdp_requested():
+            _keep_ties_through_sharding(model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        _check_optimizer_holds_every_trainable_parameter(self.model, self.optimizer)
         # Not prepared: accelerate would step it once per process; total_steps already counts
         # global optimizer steps. Registered so checkpoints still hold its state.
         self.scheduler = scheduler
