@@ -324,3 +324,27 @@ def test_shipped_deepspeed_settings_leave_accumulation_and_clipping_to_alignkit(
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(ValueError, match="gradient_accumulation_steps: 4.*optim.grad_accum"):
         engine.check_deepspeed_launch()
+
+
+def test_a_trainable_parameter_missing_from_the_optimizer_stops_the_run():
+    """The guard that caught PPO's untied head under FSDP: a parameter the optimizer never steps."""
+    from alignkit.train.engine import _check_optimizer_holds_every_trainable_parameter
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    _check_optimizer_holds_every_trainable_parameter(model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(RuntimeError, match=r"2 trainable parameter\(s\) are not in the optimizer \(1\.weight, 1\.bias\)"):
+        _check_optimizer_holds_every_trainable_parameter(model, torch.optim.AdamW(model[0].parameters()))
+
+
+def test_a_wrapper_re_ties_the_transformers_models_inside_it(tiny_dir):
+    """accelerate's FSDP 2 preparation re-ties weights through ``model.tie_weights()``."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.train.engine import _keep_ties_through_sharding
+
+    policy = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    wrapper = torch.nn.ModuleDict({"policy": policy, "head": torch.nn.Linear(2, 1)})
+    _keep_ties_through_sharding(wrapper)
+    policy.lm_head.weight = torch.nn.Parameter(policy.lm_head.weight.detach().clone())  # untied, as after meta loading
+    wrapper.tie_weights()
+    assert policy.lm_head.weight is policy.get_input_embeddings().weight
