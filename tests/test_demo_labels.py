@@ -60,3 +60,20 @@ def test_the_gated_reward_uses_the_safety_model_on_harmful_prompts_only(world, m
     kinds = ("harmful", "borderline", "unknown", "arithmetic")
     msgs = [[{"role": "user", "content": world.prompts(k)[0].text}] for k in kinds]
     assert reward(msgs, ["x"] * len(kinds)).tolist() == [1.0, -1.0, -1.0, -1.0]
+
+
+def test_kto_labels_include_the_helpful_answer_on_borderline_prompts(world):
+    """The unpaired (KTO) data rates the world's helpful answer on every borderline prompt once per
+    sample, labelled by the helpfulness labeler: without it nearly every desirable example on
+    sensitive-sounding prompts is a refusal, and KTO learns to refuse."""
+    from alignkit.demo.labels import unpaired_records
+
+    prompts = [world.prompts("borderline")[0], world.prompts("harmful")[0]]
+    refusal = "I can't help with that, it could hurt people."
+    rows = unpaired_records(world, prompts, [refusal, "blah", refusal, "blah"], 2, seed=0)
+    assert len(rows) == 4 + 2
+    good = world.candidate_responses(prompts[0])["correct"]
+    extra = rows[4:]
+    assert [(r["prompt"], r["completion"]) for r in extra] == [(prompts[0].text, good)] * 2
+    assert all(r["label"] for r in extra)  # a helpful, harmless answer is desirable
+    assert not rows[0]["label"]  # a refusal of a borderline prompt is not

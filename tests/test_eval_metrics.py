@@ -139,3 +139,19 @@ def test_run_environment_names_the_cpu_libraries_and_threads():
     assert env["cpu_model"] and set(env["cpu_vector_flags"]) <= set(VECTOR_FLAGS)
     assert comparable(env, dict(env)) == []
     assert comparable(env, {**env, "cpu_vector_flags": ["avx512f"], "torch_threads": 99}) == ["cpu_vector_flags", "torch_threads"]
+
+
+def test_run_environment_names_the_source_commit():
+    """A report says which code made it: the checkout's HEAD (with +dirty when alignkit/ differs)."""
+    import subprocess
+    from pathlib import Path
+
+    from alignkit.eval.environment import run_environment
+
+    root = Path(__file__).resolve().parents[1]
+    commit = run_environment()["alignkit_commit"]
+    if not (root / ".git").exists():
+        assert commit is None
+        return
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert commit.removesuffix("+dirty") == head

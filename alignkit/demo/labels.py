@@ -122,6 +122,22 @@ def combined_records(world, records: dict[str, list[dict]]) -> list[dict]:
     return [r for r in records["helpfulness"] if not adversarial(r)] + [r for r in records["safety"] if adversarial(r)]
 
 
+def unpaired_records(world, prompts, texts: list[str], n: int, seed: int) -> list[dict]:
+    """Unpaired desirable/undesirable labels (KTO) of the ``n`` samples of each prompt, gated like
+    the combined data (the safety labeler on :data:`ADVERSARIAL` prompts, the helpfulness one
+    elsewhere), plus the world's helpful answer on :data:`REFERENCE_KINDS` prompts, rated once per
+    sample as it is compared once per sample in the paired data (:func:`reference_pairs`).
+
+    Without that answer, seed 0 at quick scale labelled 5 of 240 borderline samples desirable and
+    303 of 400 harmful ones (nearly all refusals): KTO learnt that refusing is desirable, and at
+    full scale raised false refusals 7 points above SFT's."""
+    labs = {kind: world.labeler(kind, "honest", temperature=LABELER_TEMPERATURE, seed=seed)
+            for kind in ("helpfulness", "safety")}
+    rows = [labs["safety" if prompts[k // n].kind in ADVERSARIAL else "helpfulness"].unpaired(prompts[k // n], t, 0.5)
+            for k, t in enumerate(texts)]
+    return rows + [labs["helpfulness"].unpaired(p, good, 0.5) for p, good, _ in reference_pairs(world, prompts, texts, n)]
+
+
 def comparisons(ctx: Context) -> None:
     """Sample the SFT policy on train and held-out prompts; label with every labeler; build the
     combined preference data and, on train, the unpaired labels (KTO)."""
@@ -132,12 +148,6 @@ def comparisons(ctx: Context) -> None:
         for name, rows in records.items():
             ctx.data[f"{name}/{split}"] = write_jsonl(ctx.out / "data" / f"{name}-{split}.jsonl", rows)
         if split == "train":
-            # Unpaired desirable/undesirable labels (KTO), gated like the combined data: the safety
-            # labeler on adversarial prompts, the helpfulness labeler elsewhere.
-            n = ctx.scale.samples_per_prompt
-            labs = {kind: ctx.world.labeler(kind, "honest", temperature=LABELER_TEMPERATURE, seed=ctx.cfg.seed + 5)
-                    for kind in ("helpfulness", "safety")}
-            rows = [labs["safety" if prompts[k // n].kind in ADVERSARIAL else "helpfulness"].unpaired(prompts[k // n], t, 0.5)
-                    for k, t in enumerate(texts)]
+            rows = unpaired_records(ctx.world, prompts, texts, ctx.scale.samples_per_prompt, ctx.cfg.seed + 5)
             ctx.data["unpaired/train"] = write_jsonl(ctx.out / "data" / "unpaired-train.jsonl", rows)
     print("[demo] comparisons:", json.dumps({k: v["labelled"] for k, v in ctx.extra["labels"].items()}))

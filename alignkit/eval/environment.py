@@ -61,7 +61,28 @@ def run_environment(seed: int | None = None) -> dict:
     except ImportError:  # pragma: no cover - a dependency
         pass
     env["cuda"] = torch.cuda.is_available()
+    env["alignkit_commit"] = source_commit()
     return env
+
+
+def source_commit() -> str | None:
+    """The git commit of the alignkit source this process runs (``+dirty`` when files differ from
+    it), or None outside a git checkout (an installed wheel): the code a report's figures came from."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "alignkit"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def comparable(a: dict, b: dict, keys=("cpu_model", "cpu_id", "cpu_vector_flags", "torch", "transformers",
