@@ -175,7 +175,10 @@ class HFGenerator(Generator):
                 seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                       max_new_tokens=s.max_new_tokens, eos_token_id=list(self.stop_ids), pad_token_id=pad,
                                       use_cache=True, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      logits_processor=self._processors(rng, width))
+                                      logits_processor=self._processors(rng, width),
+                                      # FSDP weights gathered for the rollout (train/engine.full_weights):
+                                      # forwards make no collectives, so no per-token sync across processes
+                                      synced_gpus=False if model.__dict__.get("_alignkit_full_weights") else None)
                 new = seqs[:, width:].cpu().tolist()  # (b, ≤ max_new_tokens)
                 for (i, ids), row in zip(chunk, new):
                     resp, finished = [], False
