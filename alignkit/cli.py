@@ -1,7 +1,8 @@
 """Command line: ``alignkit <command> [--config FILE.yaml] [key=value ...]``.
 
 Every command is a typed config dataclass plus a run function; ``alignkit <command> --help``
-prints every field with its default and doc (read from the docstring under the field).
+prints every field with its default and doc (read from the docstring under the field). The Python
+API (:mod:`alignkit.api`) calls the same run functions: this file only parses arguments.
 """
 
 from __future__ import annotations
@@ -99,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(getattr(cfg, "run", None), "output_dir", None):
             check_output_path(cfg.run.output_dir)  # before any model or data is loaded
-        run(cfg)
+        import shlex
+
+        from alignkit.context import RunContext, run_context
+
+        # The command line is stated in the model card of the output folder.
+        with run_context(RunContext(command=command, invocation="alignkit " + " ".join(map(shlex.quote, argv)))):
+            run(cfg)
     except (ValueError, FileNotFoundError, ModelLoadError, NonFiniteError, OutputError) as e:
         # Bad input (data, config, paths) and diverged runs get their message, not a traceback; bugs still raise.
         print(f"alignkit {command}: error: {e}", file=sys.stderr)

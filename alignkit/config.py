@@ -152,6 +152,10 @@ class RunConfig:
     """Write metrics every N optimizer steps."""
     report_to: str = "jsonl,tensorboard"
     """Comma-separated loggers: jsonl, tensorboard, wandb, mlflow (the last two through accelerate, when installed)."""
+    tracker_project: str = "alignkit"
+    """Project of the trackers in report_to: the W&B project, the MLflow experiment, the TensorBoard subfolder of output_dir/tb."""
+    run_name: str = ""
+    """Name of this run in W&B and MLflow (empty: the tracker picks one)."""
     mixed_precision: str = "auto"
     """'auto' (bf16 on a CUDA GPU with bf16, or on a CPU with native bf16 instructions for hidden size ≥ 256; else fp32), 'no', 'bf16' or 'fp16'."""
     gradient_checkpointing: bool = False
@@ -163,7 +167,7 @@ class RunConfig:
     padding_free: bool = False
     """Pack several examples per row with block-diagonal attention instead of padding (SFT, RM)."""
     logps_path: str = "auto"
-    """Log-probs of sft, dpo, kto, critic, rs: 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
+    """Log-probs of sft, dpo, kto, critic, rs, ppo, grpo, rloo (at the sampling temperature): 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,6 +356,18 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: list
             raise ConfigError(f"override '{ov}' is not of the form key=value")
         k, v = ov.split("=", 1)
         items.append((k.strip(), v, ""))
+    return _apply(cfg, items)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]):
+    """``cfg`` with ``overrides`` (dotted or unique leaf names -> values) applied exactly as
+    ``key=value`` command-line overrides are (the same names, type checks and range checks), then
+    every number range-checked and the config validated. ``cfg`` itself is changed and returned."""
+    return _apply(cfg, [(k, v, "") for k, v in overrides.items()])
+
+
+def _apply(cfg: Any, items: list[tuple[str, Any, str]]):
+    cls = type(cfg)
     fields = flat_fields(cls)
     for key, value, where in items:
         try:

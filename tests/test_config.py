@@ -92,7 +92,7 @@ def test_saved_config_loads_back(tmp_path):
 
 
 @pytest.mark.parametrize("command, key", [("grpo", "run.padding_free"), ("ppo", "data.eval_fraction"),
-                                          ("rloo", "run.logps_path"), ("rs", "data.eval_path")])
+                                          ("rloo", "data.eval_size"), ("rs", "data.eval_path")])
 def test_a_command_only_has_options_it_reads(command, key, capsys):
     from alignkit.cli import main
 

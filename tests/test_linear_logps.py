@@ -470,3 +470,31 @@ def test_trainers_print_the_path_at_start_up(tiny_dir, tmp_path, capsys):
     assert "[alignkit] log-probs: chunked (from the last hidden states through the" in capsys.readouterr().out
     assert main(["sft", *common, f"run.output_dir={tmp_path / 'b'}", "run.logps_path=full"]) == 0
     assert "[alignkit] log-probs: full (run.logps_path=full" in capsys.readouterr().out
+
+
+def test_an_entropy_kept_as_a_metric_holds_no_vocabulary_sized_graph(path):
+    """``entropy_grad=False`` (the online losses log the entropy, they do not train on it): it
+    keeps nothing for backward beyond what the log-probs alone keep (on the full path a
+    differentiable entropy keeps an (N, V) softmax), and on both paths it is detached, with the
+    values of the differentiable one."""
+    model, batch = _lm("llama"), _sft_batch()
+    B, T = batch["input_ids"].shape
+    index, targets = torch.arange(B * T), batch["input_ids"].flatten()
+
+    def saved_by(**kwargs):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = position_logps(model, batch, index, targets, temperature=0.7, **kwargs)
+        return out, sorted(s for s in saved if V in s)
+
+    for option in ("full", "chunked"):
+        path(model, option)
+        _, plain = saved_by()
+        metric, kept = saved_by(entropy=True, entropy_grad=False)
+        assert kept == plain, option
+        assert not metric.entropy.requires_grad and metric.logps.requires_grad
+        trained, kept_trained = saved_by(entropy=True)
+        assert trained.entropy.requires_grad
+        torch.testing.assert_close(metric.entropy, trained.entropy.detach(), atol=1e-12, rtol=0)
+        if option == "full":
+            assert len(kept_trained) > len(plain)  # what entropy_grad=False avoids

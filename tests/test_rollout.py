@@ -9,7 +9,8 @@ from alignkit.rollout.batch import build_rollout_batch, response_mask_from_ids
 from alignkit.rollout.generate import Generations, HFGenerator, SamplingConfig
 from alignkit.rollout.rewards import FunctionReward
 from alignkit.train.online import (
-    LOSS_REDUCTIONS, RewardConfig, build_reward, policy_forward, rollout_prompt_indices, score_responses,
+    LOSS_REDUCTIONS, RewardConfig, build_reward, policy_forward, response_slice, rollout_prompt_indices,
+    score_responses,
 )
 
 PAD, EOS = 0, 1
@@ -119,9 +120,12 @@ def test_recomputed_logits_line_up_with_generation(tiny_dir, tiny_tokenizer):
     assert len(gens.texts) == 6 and gens.prompt_index == [0, 0, 1, 1, 2, 2]
     b = build_rollout_batch(gens, tiny_tokenizer.pad_token_id, tiny_tokenizer.eos_token_id)
     with torch.no_grad():
-        logits, logps, _ = policy_forward(model, b, temperature=0.0)
+        logits = response_slice(model(**b.model_inputs()).logits, b)  # (B, T, V)
+        logps = policy_forward(model, b, temperature=0.0).logps
     m = b.response_mask.bool()
     assert torch.equal(logits.argmax(-1)[m], b.response_ids[m])
+    # greedy (temperature 0) reads the undivided distribution: each sampled token has the largest log-prob
+    torch.testing.assert_close(logps[m], logits.log_softmax(-1).amax(-1)[m])
     assert (logps[~m] == 0).all() and (logps[m] < 0).all()
 
 

@@ -739,7 +739,10 @@ def read_source(
     (``format``, or the first row's detected one)."""
     if format is not None and format not in FORMATS:
         raise DataError(f"unknown format '{format}'; known formats: {', '.join(FORMATS)}")
+    from alignkit.context import note_data_report
+
     report = DataReport(source=str(path))
+    note_data_report(str(path), report)  # the run's model card states it (counts filled in as it is read)
     rows = list(read_rows(path, split=split, limit=limit))
     if not rows:
         raise DataError(f"{path}: no rows to read")

@@ -156,6 +156,57 @@ def collate_prefix_shared(items: Sequence[dict], pad_token_id: int, packed: bool
     }
 
 
+def collate_prompt_groups(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                          pad_token_id: int) -> dict[str, Tensor]:
+    """Responses that share a prompt -> one row ``prompt ‖ y_1 ‖ … ‖ y_K`` per group, for reading
+    a reward model at each response's last token (:func:`alignkit.models.heads.sequence_rewards`
+    with ``ends=last_index``).
+
+    The pair layout above with K branches instead of two: response k sees the prompt and itself
+    only, and its positions continue from the end of the prompt (``P … P+|y_k|−1``), so its last
+    token has the context and position it has in its own sequence ``prompt ‖ y_k``. A group of
+    one response is that sequence itself. Rows are right padded (padding attends to itself).
+
+    Returns (``R`` = number of groups, ``S`` = number of responses, in group order):
+    ``input_ids (R, T)``, ``position_ids (R, T)``, ``attention_mask (R, 1, T, T)`` bool (True =
+    may attend), ``last_index (S,)`` the flat index into the ``(R·T)`` positions of each
+    response's last token (an empty response: the prompt's last token, as in its own row), and
+    ``num_tokens`` (scalar) the real tokens of the batch.
+    """
+    if not groups:
+        raise ValueError("cannot collate an empty batch")
+    lengths = [len(p) + sum(len(r) for r in rs) for p, rs in groups]
+    R, T = len(groups), max(lengths)
+    input_ids = torch.full((R, T), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((R, T), dtype=torch.long)
+    segment = torch.full((R, T), PAD, dtype=torch.long)
+    branch = torch.full((R, T), PAD, dtype=torch.long)
+    last_index: list[int] = []
+    for row, (prompt, responses) in enumerate(groups):
+        P = len(prompt)
+        if P < 1:
+            raise ValueError("prefix sharing needs a prompt of at least one token")
+        ids, pos, br = list(prompt), list(range(P)), [PROMPT] * P
+        for k, response in enumerate(responses):
+            n = len(response)
+            last_index.append(row * T + (len(ids) + n - 1 if n else P - 1))
+            ids += list(response)
+            pos += range(P, P + n)  # every response restarts where the prompt ends
+            br += [k + 1] * n  # branch k+1: sees the prompt and itself (PROMPT = 0, PAD = -1)
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        position_ids[row, : len(ids)] = torch.tensor(pos)
+        segment[row, : len(ids)] = 0
+        branch[row, : len(ids)] = torch.tensor(br)
+    mask = torch.stack([_mask(segment[r], branch[r]) for r in range(R)])  # (R, T, T)
+    return {
+        "input_ids": input_ids,  # (R, T)
+        "position_ids": position_ids,  # (R, T)
+        "attention_mask": mask[:, None],  # (R, 1, T, T) bool
+        "last_index": torch.tensor(last_index, dtype=torch.long),  # (S,)
+        "num_tokens": torch.tensor(sum(lengths)),
+    }
+
+
 def response_logps(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Sequence log-probs of the 2B responses of a prefix-shared batch, from the model's logits.
 

@@ -85,6 +85,10 @@ def read_rows(path: str | Path, split: str = "train", limit: int | None = None) 
 
 
 def _rows(path: str | Path, split: str) -> Iterator[Row]:
+    from alignkit.context import is_memory, memory_source
+
+    if is_memory(path):  # given in Python (alignkit.api): read like a file, located as memory:NAME[i]
+        return _read_memory(str(path), memory_source(str(path)), split)
     p = Path(path)
     if p.is_dir():
         return _read_saved_dataset(p, split)
@@ -119,7 +123,12 @@ def _looks_like_hub_name(name: str) -> bool:
 
 
 def has_splits(path: str | Path) -> bool:
-    """Whether ``path`` has named splits (a saved data set or a hub name), unlike a file."""
+    """Whether ``path`` has named splits (a saved data set, a hub name or an in-memory
+    ``DatasetDict``), unlike a file."""
+    from alignkit.context import is_memory, memory_source
+
+    if is_memory(path):
+        return _is_split_dict(memory_source(str(path)))
     p = Path(path)
     return p.is_dir() or (not p.exists() and _looks_like_hub_name(str(path)))
 
@@ -295,6 +304,31 @@ def _read_saved_dataset(p: Path, split: str) -> Iterator[Row]:
         raise DataError(f"{where}: the data set is empty")
     for i, row in enumerate(ds):
         yield f"{where}[{i}]", row
+
+
+def _is_split_dict(source) -> bool:
+    """A ``DatasetDict`` (or a plain dict of splits): its ``column_names`` is a dict per split."""
+    return isinstance(source, dict) or isinstance(getattr(source, "column_names", None), dict)
+
+
+def _read_memory(name: str, source, split: str) -> Iterator[Row]:
+    """Rows of an in-memory source: a ``datasets.Dataset``, a ``DatasetDict`` (``split`` picks
+    one), or a list of dicts in any format the file readers accept."""
+    if _is_split_dict(source):
+        if split not in source:
+            raise DataError(f"{name}: no split '{split}'; the data set has splits {sorted(source)}")
+        source, name = source[split], f"{name}/{split}"
+    if isinstance(source, (str, bytes)) or not hasattr(source, "__iter__"):
+        raise DataError(f"{name}: in-memory data must be a datasets.Dataset, a DatasetDict or a list of dicts; "
+                        f"got {type(source).__name__}")
+    empty = True
+    for i, row in enumerate(source):
+        empty = False
+        if not isinstance(row, dict):
+            raise DataError(f"{name}[{i}]: expected a dict (one record), got {type(row).__name__}")
+        yield f"{name}[{i}]", row
+    if empty:
+        raise DataError(f"{name}: the in-memory data set is empty")
 
 
 def _read_hub(name: str, split: str) -> Iterator[Row]:

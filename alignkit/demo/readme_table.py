@@ -49,7 +49,8 @@ def _machine(env: dict | None) -> str:
     return (f"{env.get('cpu_model', 'an unrecorded CPU')} ({env.get('cpu_id', '')}; vector flags "
             f"{', '.join(env.get('cpu_vector_flags', [])) or '–'}; torch kernels {env.get('torch_cpu_capability', '?')}), "
             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}, "
-            f"{env.get('torch_threads', '?')} thread(s)")
+            f"{env.get('torch_threads', '?')} thread(s)"
+            + (f", alignkit commit {env['alignkit_commit'][:12]}" if env.get("alignkit_commit") else ""))
 
 
 def section(report: dict, source: str) -> str:

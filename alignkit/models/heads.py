@@ -30,6 +30,14 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def causal_lm(model):
+    """The causal LM whose output head gives π: ``model`` itself (under DDP/peft wrappers), or
+    what its ``causal_lm()`` names when it is a module around one that returns its logits
+    (PPO's actor-critic)."""
+    inner = unwrap(model)
+    return inner.causal_lm() if hasattr(inner, "causal_lm") else inner
+
+
 def lm_forward(model, batch: dict, **kwargs):
     """``model``'s output on a batch of any layout (padded, packed or prefix-shared)."""
     return model(input_ids=batch["input_ids"], **attention_inputs(model, batch), use_cache=False, **kwargs)
@@ -69,7 +77,7 @@ class _head_input:
 
 
 def position_logps(model, batch: dict, index: Tensor, targets: Tensor, *, temperature: float = 1.0,
-                   entropy: bool = False, **forward_kwargs) -> PositionLogps:
+                   entropy: bool = False, entropy_grad: bool = True, lm=None, **forward_kwargs) -> PositionLogps:
     """log π of ``targets (N,)``, each predicted at a position ``index (N,)`` (flat indices into
     the ``(B·T)`` positions of ``batch``, any layout), optionally divided by a sampling
     ``temperature`` and with the entropy of each position's distribution.
@@ -78,22 +86,30 @@ def position_logps(model, batch: dict, index: Tensor, targets: Tensor, *, temper
     the head runs on the N positions only, chunk by chunk, and no ``(B, T, V)`` logits exist; on
     the full path the model's logits are read at those positions. Both give the same numbers and
     gradients up to float rounding (tests/test_linear_logps.py).
+
+    ``lm``: the causal LM inside ``model`` whose output head makes the log-probs; by default
+    :func:`causal_lm` of ``model``. ``entropy_grad=False``: the entropy is a metric only, returned detached
+    (on the full path a differentiable one would keep an ``(N, V)`` softmax for backward; on
+    the chunked path it costs nothing either way).
     """
-    lm = unwrap(model)
-    path, _ = logps_path(model)
+    lm = causal_lm(model) if lm is None else unwrap(lm)
+    path, _ = logps_path(model, lm)
     if path == "chunked":
         with _head_input(lm) as caught:
             out = lm_forward(model, batch, **forward_kwargs)
         hidden = caught.hidden.flatten(0, 1)[index]  # (N, H) the rows that predict a target
-        logps, ent = output_head(model).logps(hidden, targets, temperature, entropy)
+        logps, ent = output_head(lm).logps(hidden, targets, temperature, entropy)
         if torch.is_grad_enabled():
             lm.last_head_rows = int(index.numel())
-        return PositionLogps(logps, ent, out)
+        return PositionLogps(logps, ent if ent is None or entropy_grad else ent.detach(), out)
     out = lm_forward(model, batch, **forward_kwargs)
     logits = out.logits.flatten(0, 1)[index]  # (N, V)
     if temperature != 1.0:
         logits = logits / temperature
-    ent = entropy_from_logits(logits[None])[0] if entropy else None
+    ent = None
+    if entropy:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):
+            ent = entropy_from_logits(logits[None])[0]  # (N,)
     if torch.is_grad_enabled():
         lm.last_head_rows = None
     return PositionLogps(token_logps(logits[None], targets[None])[0], ent, out)

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from alignkit.config import ModelConfig
+from alignkit.context import current, is_memory, memory_source, note_saved
 from alignkit.models import files, gguf, hub, identity
 from alignkit.models.errors import ModelLoadError
 
@@ -33,6 +34,9 @@ __all__ = ["ModelLoadError", "load_tokenizer", "load_causal_lm", "load_scalar_he
            "add_lora", "freeze", "is_lora", "Reference", "save_model", "check_causal", "check_float16"]
 
 log = logging.getLogger(__name__)
+
+#: Names under which the Python API registers the objects it is given (alignkit/context.py).
+MEMORY_MODEL, MEMORY_TOKENIZER, MEMORY_REFERENCE = "memory:model", "memory:tokenizer", "memory:reference"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -178,9 +182,16 @@ def load_tokenizer(source: str | ModelConfig):
 
     cfg = source if isinstance(source, ModelConfig) else None
     path = (cfg.tokenizer or cfg.path) if cfg else source
-    local = _resolve_source(path, "tokenizer")
-    with _load_errors(path, "tokenizer", cfg):
-        tok = AutoTokenizer.from_pretrained(local, **_load_kwargs(local, cfg, model=False))
+    if is_memory(path):  # a tokenizer object given through the Python API
+        tok = memory_source(path)
+        if isinstance(tok, torch.nn.Module):  # a model's name: the tokenizer given with it
+            tok = memory_source(MEMORY_TOKENIZER)
+        if not callable(getattr(tok, "apply_chat_template", None)) and not hasattr(tok, "encode"):
+            raise ModelLoadError(f"{path}: expected a transformers tokenizer, got {type(tok).__name__}")
+    else:
+        local = _resolve_source(path, "tokenizer")
+        with _load_errors(path, "tokenizer", cfg):
+            tok = AutoTokenizer.from_pretrained(local, **_load_kwargs(local, cfg, model=False))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
         log.info("tokenizer has no pad token: using EOS (%r) for padding", tok.eos_token)
@@ -220,10 +231,13 @@ def load_causal_lm(cfg: ModelConfig, trainable: bool = True):
     """Load a causal LM from ``cfg.path``; wrap it with LoRA adapters when ``cfg.lora``."""
     from transformers import AutoModelForCausalLM
 
-    local = _resolve_source(cfg.path, "model")
-    dtype = _resolve_dtype(cfg.dtype)
-    with _load_errors(cfg.path, "causal LM", cfg):
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **_load_kwargs(local, cfg))
+    if is_memory(cfg.path):  # a model object given through the Python API: the same checks follow
+        model = _memory_model(cfg.path, "a causal LM")
+    else:
+        local = _resolve_source(cfg.path, "model")
+        dtype = _resolve_dtype(cfg.dtype)
+        with _load_errors(cfg.path, "causal LM", cfg):
+            model = AutoModelForCausalLM.from_pretrained(local, dtype=dtype, **_load_kwargs(local, cfg))
     check_causal(model, cfg.path)
     if cfg.lora and trainable:
         model = add_lora(model, cfg, task_type="CAUSAL_LM")
@@ -239,10 +253,39 @@ def _head_keys(model, keys) -> list[str]:
     return sorted(k for k in keys if not k.startswith(prefix) or ".pooler." in k)
 
 
+def _memory_model(path: str, what: str):
+    """The model object a ``memory:NAME`` path names (given through the Python API)."""
+    model = memory_source(path)
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise ModelLoadError(f"{path}: expected {what} (a transformers model object), got {type(model).__name__}")
+    return model
+
+
+def _is_scalar_head(model) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification") and getattr(model.config, "num_labels", 0) == 1
+
+
 def _load_scalar_head(cfg: ModelConfig):
-    """``(model, missing keys)``: ``cfg.path`` as a one-output ``*ForSequenceClassification``."""
+    """``(model, missing keys)``: ``cfg.path`` as a one-output ``*ForSequenceClassification``.
+
+    An in-memory model (``memory:NAME``) that already is one is used as it is; an in-memory causal
+    LM is written to a temporary folder and read back through the same load as a directory (a fresh
+    scalar head on its backbone), so the result equals the command line's."""
     from transformers import AutoModelForSequenceClassification
 
+    if is_memory(cfg.path):
+        model = _memory_model(cfg.path, "a model")
+        if _is_scalar_head(model):
+            if model.config.pad_token_id is None:
+                raise ModelLoadError(f"{cfg.path}: config has no pad_token_id; set model.config.pad_token_id "
+                                     "(reward models read the last non-pad token)")
+            return model, []
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="alignkit-memory-model-") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            head, missing = _load_scalar_head(ModelConfig(**{**vars(cfg), "path": tmp}))
+        return head, missing
     local = _resolve_source(cfg.path, "model")
     dtype = _resolve_dtype(cfg.dtype)
     with _load_errors(cfg.path, "model", cfg), _quiet_load_report():
@@ -295,9 +338,12 @@ def load_reward_model(cfg: ModelConfig, role: str = "a reward model"):
     """
     from transformers import PretrainedConfig
 
-    local = _resolve_source(cfg.path, "model")
-    with _load_errors(cfg.path, "model", cfg):
-        config, _ = PretrainedConfig.get_config_dict(local, **hub.hub_kwargs(local))
+    if is_memory(cfg.path):
+        config = _memory_model(cfg.path, role).config.to_dict()
+    else:
+        local = _resolve_source(cfg.path, "model")
+        with _load_errors(cfg.path, "model", cfg):
+            config, _ = PretrainedConfig.get_config_dict(local, **hub.hub_kwargs(local))
     identity.check_reward_model_config(config, cfg.path, role)
     model, missing = _load_scalar_head(cfg)
     if missing:
@@ -338,7 +384,8 @@ def is_lora(model) -> bool:
 class Reference:
     """The frozen reference policy π_ref, held one of two ways.
 
-    - a frozen deep copy of the policy (``copy``), or
+    - a frozen deep copy of the policy (``copy``), or the reference model given through the Python
+      API (``alignkit.dpo(..., reference=model)``, frozen as it is), or
     - with LoRA, the policy's own base weights with the adapter disabled (``adapter``): no second
       copy of the weights in memory.
 
@@ -346,15 +393,17 @@ class Reference:
     """
 
     def __init__(self, policy, mode: str = "auto"):
+        given = current().sources.get(MEMORY_REFERENCE) if current() is not None else None
         if mode == "auto":
-            mode = "adapter" if is_lora(policy) else "copy"
+            mode = "adapter" if is_lora(policy) and given is None else "copy"
         if mode == "adapter" and not is_lora(policy):
             raise ValueError("reference mode 'adapter' needs a LoRA policy (model.lora=true)")
         self.mode = mode
         self._policy = policy
         self._copy = None
         if mode == "copy":
-            self._copy = copy.deepcopy(policy)
+            # The reference model given through the Python API (frozen as it is), else a frozen copy of the policy.
+            self._copy = given if given is not None else copy.deepcopy(policy)
             freeze(self._copy)
 
     @contextmanager
@@ -417,5 +466,6 @@ def save_model(model, tokenizer, out_dir: str | Path, extra_config: dict | None 
     to_save.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    note_saved(to_save, tokenizer)  # the API returns the saved model
     return out
 

@@ -100,10 +100,11 @@ def _sharded(model) -> bool:
                for m in model.modules())
 
 
-def head_refusal(model) -> str | None:
+def head_refusal(model, lm=None) -> str | None:
     """Why ``model``'s output head cannot be split off for the chunked log-probs; None when it can
-    (rules in the module docstring)."""
-    lm = unwrap(model)
+    (rules in the module docstring). ``lm``: the causal LM inside ``model`` whose head is meant,
+    when ``model`` is a module around it (PPO's actor-critic); default ``unwrap(model)``."""
+    lm = unwrap(model) if lm is None else lm
     config = getattr(lm, "config", None)
     model_type = getattr(config, "model_type", "?")
     if model_type not in HEADS:
@@ -147,22 +148,24 @@ def set_logps_path(model, option: str) -> str:
     return f"log-probs: {path} ({why})"
 
 
-def logps_path(model) -> tuple[str, str]:
+def logps_path(model, lm=None) -> tuple[str, str]:
     """(``"chunked"`` or ``"full"``, why) for ``model`` now, under its ``run.logps_path``
     (auto when never set). Checked at every forward, so a model wrapped after start-up (FSDP)
-    falls back; a forced ``chunked`` that cannot be served raises instead."""
-    option = getattr(unwrap(model), _OPTION, "auto")
+    falls back; a forced ``chunked`` that cannot be served raises instead. ``lm``: the causal LM
+    inside ``model`` (see :func:`head_refusal`)."""
+    lm = unwrap(model) if lm is None else lm
+    option = getattr(lm, _OPTION, "auto")
     if option == "full":
         return "full", "run.logps_path=full: the (B, T, V) logits are materialised"
-    reason = head_refusal(model)
+    reason = head_refusal(model, lm)
     if reason is None:
-        head = unwrap(model).get_output_embeddings().weight
+        head = lm.get_output_embeddings().weight
         return "chunked", (f"from the last hidden states through the {head.shape[0]} × {head.shape[1]} output head "
                            "in chunks; no (B, T, V) logits are held")
     if option == "chunked":
         raise ValueError(f"run.logps_path=chunked cannot be served: {reason}; use run.logps_path=auto or full")
     why = f"the output head cannot be split off: {reason}"
-    if getattr(unwrap(model), _ANNOUNCED, None) == "chunked":  # e.g. FSDP wrapped it after start-up
+    if getattr(lm, _ANNOUNCED, None) == "chunked":  # e.g. FSDP wrapped it after start-up
         log.warning("log-probs: full from now on, not chunked as announced (%s)", why)
-        setattr(unwrap(model), _ANNOUNCED, "full")
+        setattr(lm, _ANNOUNCED, "full")
     return "full", why

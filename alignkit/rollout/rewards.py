@@ -7,6 +7,8 @@ source and never ask which kind it is:
 - :class:`RewardModel`: a trained scalar-head model (``alignkit rm``): the head at the last token
   of the conversation its chat template renders, the same number plain ``transformers`` gives;
 - :class:`FunctionReward`: any Python function ``f(prompt, response) -> float``;
+- :class:`BatchFunctionReward`: a batched function ``f(prompts, responses) -> N floats`` (what a
+  plain callable becomes, :func:`as_reward`), its output checked for count and finiteness;
 - :class:`WeightedSum`: Σ_i w_i · r_i(x, y);
 - :class:`SafetyGated`: Llama 2's gating (§3.2.2, eq. 4): use the safety score when the prompt
   is flagged unsafe or the safety score is below a threshold, else the helpfulness score;
@@ -47,6 +49,53 @@ class FunctionReward(RewardSource):
         return torch.tensor([float(self.fn(p, r)) for p, r in zip(prompts, responses)], dtype=torch.float32)
 
 
+def check_scores(scores, n: int, name: str, responses: Sequence[str] | None = None, finite: bool = True) -> Tensor:
+    """``scores`` as a float32 tensor (N,), refused with a clear error when it does not hold exactly
+    one number per response (a wrong count would pair scores with the wrong responses) or, with
+    ``finite``, when one is NaN or infinite (a Python reward's bug, named at once rather than
+    trained on)."""
+    try:
+        t = torch.as_tensor(scores if torch.is_tensor(scores) else [float(x) for x in scores], dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"reward {name!r}: must return one number per response (a list, array or tensor of "
+                         f"{n} floats); got {type(scores).__name__} ({e})") from None
+    t = t.detach().float().cpu()
+    if t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"reward {name!r}: returned {tuple(t.shape)} scores for {n} responses; a batched reward "
+                         "f(prompts, responses) must return one number per response, in order")
+    bad = (~torch.isfinite(t)).nonzero().flatten().tolist() if finite else []
+    if bad:
+        i = bad[0]
+        what = f" (response {i}: {responses[i][:60]!r})" if responses is not None else ""
+        raise ValueError(f"reward {name!r}: {len(bad)} of {n} scores are not finite, e.g. {float(t[i])} at index "
+                         f"{i}{what}; return finite numbers (clip or replace NaN/inf inside the reward)")
+    return t
+
+
+class BatchFunctionReward(RewardSource):
+    """Wraps a batched ``fn(prompts, responses) -> sequence of N floats`` (prompts as chat
+    messages, responses as strings); the result is checked (:func:`check_scores`)."""
+
+    def __init__(self, fn: Callable[[Sequence[Messages], Sequence[str]], Sequence[float]], name: str | None = None):
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+
+    def __call__(self, prompts, responses):
+        self._check(prompts, responses)
+        return check_scores(self.fn(list(prompts), list(responses)), len(responses), self.name, responses)
+
+
+def as_reward(reward) -> RewardSource:
+    """A :class:`RewardSource` as it is; a plain callable as a batched function reward
+    (:class:`BatchFunctionReward`): ``reward(prompts, responses) -> N floats``."""
+    if isinstance(reward, RewardSource):
+        return reward
+    if callable(reward):
+        return BatchFunctionReward(reward)
+    raise TypeError(f"a reward must be a RewardSource or a callable f(prompts, responses) -> scores; got "
+                    f"{type(reward).__name__}")
+
+
 class RewardModel(RewardSource):
     """A saved scalar-head reward model. The score of (prompt, response) is the head's output at
     the last token of ``prompt + [assistant response]`` as the model's chat template renders it
@@ -74,19 +123,16 @@ class RewardModel(RewardSource):
 
     @torch.no_grad()
     def __call__(self, prompts, responses):
-        from alignkit.data import RatedExample, collate_rated, tokenize_records
-        from alignkit.models.heads import sequence_rewards
+        from alignkit.data import RatedExample, tokenize_records
+        from alignkit.models.scoring import score_sequences
 
         self._check(prompts, responses)
         records = [RatedExample(prompt=list(p), response=r, score=0.0) for p, r in zip(prompts, responses)]
         items, _ = tokenize_records(records, self.tokenizer, max_length=self.max_length,
                                     max_prompt_length=self.max_prompt_length)
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            batch = collate_rated(items[i : i + self.batch_size], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items() if torch.is_tensor(v)}
-            out.append(sequence_rewards(self.head, batch).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        # length-sorted batches; responses to one prompt (a GRPO group, rejection sampling's N, a
+        # file of several answers per question) share one row where exact and cheaper
+        return score_sequences(self.head, items, self.tokenizer.pad_token_id, self.batch_size)
 
 
 class WeightedSum(RewardSource):
@@ -95,7 +141,7 @@ class WeightedSum(RewardSource):
     def __init__(self, sources: Sequence[tuple[RewardSource, float]], name: str = "weighted_sum"):
         if not sources:
             raise ValueError("WeightedSum needs at least one (source, weight)")
-        self.sources, self.name = list(sources), name
+        self.sources, self.name = [(as_reward(src), w) for src, w in sources], name  # callables too
 
     def __call__(self, prompts, responses):
         self._check(prompts, responses)

@@ -27,6 +27,8 @@ when the tokenizer splits them into many pieces (tiny tokenizers trained on othe
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import json
 import re
 from collections import Counter
@@ -245,6 +247,7 @@ def critic_metrics(reward, records: list, limit: int = 0) -> dict[str, float]:
     return out
 
 
+@entry("critic")
 def run_critic(cfg: CriticConfig):
     """Fine-tune ``cfg.model.path`` into a critic on ``cfg.data``; save it with its template to
     ``cfg.run.output_dir``; report held-out verdict accuracy and position bias."""

@@ -26,6 +26,8 @@ Metrics (defined in docs/dpo.md): ``rewards/{chosen,rejected,margins,accuracies}
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import inspect
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -307,6 +309,7 @@ def build_dpo_task(cfg: DPOConfig, policy, train: list[dict], evals: list[dict],
     return task, reference
 
 
+@entry("dpo")
 def run_dpo(cfg: DPOConfig):
     """Train ``cfg.model.path`` on the comparisons of ``cfg.data``; save the policy (a plain HF
     directory, LoRA merged) to ``cfg.run.output_dir``. Returns the loop's ``TrainResult``

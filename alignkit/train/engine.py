@@ -492,6 +492,15 @@ class Engine:
         self._state: dict[str, Any] = {}
         self.writer = None
         self.progress = None
+        # The caller's callbacks (API calls put them in the run's context, alignkit/context.py).
+        from alignkit.context import current
+        from alignkit.train.callbacks import Callbacks
+
+        self.callbacks = Callbacks(current().callbacks if current() is not None else None)
+        self.stopped_at: int | None = None
+        """The step after which a callback stopped the run (None: it ran to the end)."""
+        self._last: tuple[int, dict] = (0, {})  # the last step's metrics, for on_end
+        self._ended = False
 
     @property
     def device(self):
@@ -607,6 +616,7 @@ class Engine:
             old = sorted(root.glob("step-*"), key=checkpoint_step)
             for p in old[: max(0, len(old) - self.run.keep_checkpoints)]:
                 shutil.rmtree(p, ignore_errors=True)
+            self.callbacks.checkpoint(step, str(final))
         self.acc.wait_for_everyone()
 
     def resume(self) -> tuple[int, dict]:
@@ -656,19 +666,28 @@ class Engine:
         ``run.output_dir``). Weights that are not finite are refused with an error naming them:
         a diverged run never leaves a NaN model behind. Returns what ``write`` returns (None on
         the other processes)."""
+        from alignkit.context import current
+        from alignkit.train.card import write_model_card
         from alignkit.train.outputs import check_finite_weights, final_save
 
         out = Path(output_dir or self.run.output_dir)
         result = None
+        record = {"command": self.name, "steps": self.total_steps}
+        if self.stopped_at is not None:
+            record["stopped_at"] = self.stopped_at
         try:
             # FSDP: the full weights on every process while the main one writes them (a plain HF
             # directory, as from one process); sharded again afterwards.
             with full_weights(self.unwrapped()):
                 check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
                 if self.acc.is_main_process:
-                    # Atomic: written aside, then moved into place (train/outputs.py final_save).
-                    with final_save(out, {"command": self.name, "steps": self.total_steps}) as tmp:
+                    # Atomic: written aside, then moved into place (train/outputs.py final_save); the
+                    # model card is among the files, so a finished folder always explains itself.
+                    with final_save(out, record) as tmp:
                         result = write(tmp)
+                        ctx = current()
+                        write_model_card(tmp, getattr(ctx, "command", "") or self.name, self.config,
+                                         out / "metrics.jsonl", self.stopped_at)
                         if fsdp_modules(self.unwrapped()):
                             unsharded_architectures(tmp)
                 self.acc.wait_for_everyone()
@@ -703,10 +722,35 @@ class Engine:
         if done % max(1, self.run.log_every) == 0 or done == self.total_steps:
             self.writer.write(row, done)
         self.progress.update(done, float(row.get("loss", float("nan"))), tokens_per_s)
+        self._last = (done, dict(row))
+        if self.acc.is_main_process:
+            self.callbacks.step(done, row)
+        self._sync_stop(done)
+
+    def _sync_stop(self, done: int) -> None:
+        """Every process learns whether a callback (run on the main process) asked to stop after
+        step ``done``; a request at the last step changes nothing."""
+        stop = self.callbacks.stop_requested
+        if self.acc.num_processes > 1 and self.callbacks.items:  # every process runs the same call, same callbacks
+            stop = float(self.acc.reduce(torch.tensor(float(stop), device=self.acc.device), reduction="sum")) > 0
+        if stop and done < self.total_steps and self.stopped_at is None:
+            self.stopped_at = done
+            if self.acc.is_main_process:
+                print(f"[alignkit] {self.name}: a callback asked to stop after {self.unit} {done}/{self.total_steps}; "
+                      "saving a resumable checkpoint and the model")
+
+    @property
+    def stop_requested(self) -> bool:
+        """A callback asked the run to stop (the driver checkpoints and leaves its loop)."""
+        return self.stopped_at is not None
 
     def write(self, row: dict, done: int) -> None:
         """Write a row outside the per-step cadence (the final evaluation)."""
         self.writer.write(row, done)
+        self._last = (done, {**(self._last[1] if self._last[0] == done else {}), **row})
+        evals = {k: v for k, v in row.items() if k.startswith("eval/")}
+        if evals and self.acc.is_main_process:
+            self.callbacks.evaluate(done, evals)
 
     def close_progress(self) -> None:
         if self.progress is not None:
@@ -718,6 +762,9 @@ class Engine:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if not self._ended and self.acc.is_main_process:
+            self._ended = True
+            self.callbacks.end(*self._last)
 
     def evaluate(self, fn: Callable[[torch.nn.Module], dict[str, float]]) -> dict[str, float]:
         """``fn(unwrapped model)`` in eval mode without gradients; the training mode is restored."""
@@ -737,4 +784,5 @@ class Engine:
     def due_checkpoint(self, done: int) -> bool:
         """True after step ``done`` when ``run.save_every`` asks for a checkpoint there (none after
         the last step: the final model is saved instead)."""
-        return bool(self.run.save_every) and done % self.run.save_every == 0 and done < self.total_steps
+        due = bool(self.run.save_every) and done % self.run.save_every == 0
+        return (due or self.stop_requested) and done < self.total_steps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +42,12 @@ class ScoreConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(shuffle=False))
     """Rows with `prompt` and `response` (a `score` field, if present, is not used: it is written out as `label`)."""
     batch_size: int = 32
-    """Rows scored per forward pass."""
+    """About this many rows scored per forward pass (rows are length-sorted; responses to one prompt share one row prompt ‖ y_1 ‖ … ‖ y_K where exact and cheaper, docs/batching.md). Every batching gives the same scores."""
     output: str = "scores.jsonl"
     """Output JSONL file: each input row's prompt and response with its `score`."""
 
 
+@entry("eval-rm")
 def run_eval_rm(cfg: EvalRMConfig) -> dict:
     from alignkit.data import load_dataset_records, tokenize_records
     from alignkit.data.formats import DEFAULT_MARGIN_LABELS
@@ -89,6 +92,7 @@ def run_eval_rm(cfg: EvalRMConfig) -> dict:
     return metrics
 
 
+@entry("score")
 def run_score(cfg: ScoreConfig) -> Path:
     from alignkit.data import RatedExample, ResponseExample, load_dataset_records
     from alignkit.rollout.rewards import RewardModel

@@ -18,6 +18,8 @@ or in the reward, r_i − β·Σ_t KL_t (RLOO), per ``kl.kl_penalty``. Metrics: 
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss
 from alignkit.models.loading import Reference, load_causal_lm, save_model
-from alignkit.ops import entropy_from_logits, kl_estimate, masked_mean
+from alignkit.ops import kl_estimate, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
 from alignkit.rollout.generate import SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardSource
@@ -38,6 +40,7 @@ from alignkit.train.online import (
     KL_CONTROLLERS, LOSS_REDUCTIONS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs,
     policy_forward, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.common import choose_logps_path
 from alignkit.train.online.config import ONLINE_UNREAD
 from alignkit.train.online.evaluate import held_out_reward
 
@@ -108,7 +111,7 @@ ADVANTAGES: dict[str, Callable[[Tensor, int, GRPOConfig], Tensor]] = {
 def grpo_loss(model, mb, cfg: GRPOConfig, loss_kl_coef: float):
     """Per-token clipped surrogate with the sequence advantage [+ β·KL_t]."""
     mask = mb.response_mask
-    logits, logps, _ = policy_forward(model, mb, cfg.sampling.temperature)
+    logps, entropy, _ = policy_forward(model, mb, cfg.sampling.temperature, entropy=True)
     old_logps = mb.logps if mb.logps is not None else logps.detach()  # on-policy: ρ = 1
     pg, metrics = ppo_policy_loss(logps, old_logps, mb.advantages, mask, cfg.clip_eps, cfg.clip_eps_high or None)
     metrics["loss/policy"] = masked_mean(pg.detach(), mask)
@@ -117,11 +120,11 @@ def grpo_loss(model, mb, cfg: GRPOConfig, loss_kl_coef: float):
         kl, kl_metrics = kl_penalty_loss(logps, mb.ref_logps, mask, cfg.kl.kl_estimator)
         losses = losses + loss_kl_coef * kl
         metrics["loss/kl"] = kl_metrics["kl"]
-    with torch.no_grad():
-        metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask)
+    metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return losses, metrics
 
 
+@entry("grpo")
 def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
              reward: RewardSource | None = None) -> OnlineResult:
     """Train ``cfg.model.path`` with GRPO or RLOO (``cfg.advantage``); save the policy to ``cfg.run.output_dir``.
@@ -131,6 +134,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     """
     tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     policy = load_causal_lm(cfg.model)
+    choose_logps_path(policy, cfg.run.logps_path)  # before the reference copy is made: it keeps the choice
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
@@ -146,7 +150,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     off_policy = loop.steps_per_rollout > 1
     loop.register_state({"kl_controller": kl_ctl})
 
-    for k in range(loop.start(), loop.num_rollouts):
+    for k in loop.rollouts():
         with loop.gathered():  # FSDP: the full policy for sampling and scoring, sharded again before the update
             with loop.timed("generation"):
                 rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
@@ -188,6 +192,7 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     return OnlineResult(output_dir=Path(cfg.run.output_dir), history=loop.history, wall_s=wall)
 
 
+@entry("rloo")
 def run_rloo(cfg: RLOOConfig, prompts: list[list[dict]] | None = None,
              reward: RewardSource | None = None) -> OnlineResult:
     """RLOO: :func:`run_grpo` with the leave-one-out baseline (``cfg.advantage='rloo'``)."""

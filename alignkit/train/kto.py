@@ -23,6 +23,8 @@ example. References (copy / adapter / precomputed) are as in :mod:`alignkit.trai
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -251,6 +253,7 @@ def build_kto_task(cfg: KTOConfig, policy, train: list[dict], evals: list[dict],
     return task, reference
 
 
+@entry("kto")
 def run_kto(cfg: KTOConfig):
     """Train ``cfg.model.path`` with KTO on ``cfg.data``; save the policy (plain HF directory) to
     ``cfg.run.output_dir``. Returns the loop's ``TrainResult``."""

@@ -169,10 +169,10 @@ class Trainer:
                 row.update({f"eval/{k}": v for k, v in engine.evaluate(task.evaluate).items()})
             engine.log(row, done, row["tokens_per_s"])
             result.history.append(row)
-            if engine.due_checkpoint(done):
+            if engine.due_checkpoint(done):  # also when a callback asked to stop: the stop is resumable
                 engine.save_checkpoint(done)
             result.steps = done
-            if stop_after is not None and done >= stop_after:
+            if engine.stop_requested or (stop_after is not None and done >= stop_after):
                 break
         engine.close_progress()
         if result.steps == self.total_steps and task.evaluate:

@@ -23,6 +23,8 @@ InstructGPT initialises it from the reward model) or a head on the policy's last
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +38,8 @@ from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss, ppo_value_loss
 from alignkit.models.heads import ScalarHead
 from alignkit.models.loading import Reference, load_causal_lm, load_scalar_head_model, save_model
-from alignkit.ops import entropy_from_logits, masked_mean
+from alignkit.models.masks import unwrap
+from alignkit.ops import masked_mean
 from alignkit.rollout.batch import build_rollout_batch
 from alignkit.rollout.generate import SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardModel, RewardSource
@@ -44,6 +47,7 @@ from alignkit.train.online import (
     KL_CONTROLLERS, KLConfig, OnlineLoop, OnlineResult, RewardConfig, RolloutConfig, online_inputs, policy_forward,
     response_slice, rollout_logps, score_responses, sequence_kl, validate_online,
 )
+from alignkit.train.common import choose_logps_path
 from alignkit.train.online.config import ONLINE_UNREAD
 from alignkit.train.online.evaluate import held_out_reward
 
@@ -122,6 +126,10 @@ class ActorCritic(torch.nn.Module):
         super().__init__()
         self.policy, self.critic, self.shared = policy, critic, shared
 
+    def causal_lm(self):
+        """The transformers causal LM of π_θ (whose output head the chunked log-probs split off)."""
+        return unwrap(self.policy)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, with_values=False):
         hidden = self.shared and with_values
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -156,7 +164,7 @@ VALUE_MODELS = {"separate": separate_critic, "shared": shared_value_head}
 def ppo_loss(model, mb, cfg: PPOConfig, loss_kl_coef: float):
     """Per-token PPO loss of a minibatch: clipped surrogate + c_v · clipped value loss [+ β·KL]."""
     mask = mb.response_mask
-    logits, logps, out = policy_forward(model, mb, cfg.sampling.temperature, with_values=True)
+    logps, entropy, out = policy_forward(model, mb, cfg.sampling.temperature, entropy=True, with_values=True)
     values = response_slice(out.values, mb)  # (b, T) V(s_t)
     pg, pg_metrics = ppo_policy_loss(logps, mb.logps, mb.advantages, mask, cfg.clip_eps)
     vf, vf_metrics = ppo_value_loss(values, mb.values, mb.returns, mask, cfg.clip_eps_value or None)
@@ -167,8 +175,7 @@ def ppo_loss(model, mb, cfg: PPOConfig, loss_kl_coef: float):
         kl, kl_metrics = kl_penalty_loss(logps, mb.ref_logps, mask, cfg.kl.kl_estimator)
         losses = losses + loss_kl_coef * kl
         metrics["loss/kl"] = kl_metrics["kl"]
-    with torch.no_grad():
-        metrics["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask)
+    metrics["entropy"] = masked_mean(entropy.detach(), mask)
     return losses, metrics
 
 
@@ -210,6 +217,7 @@ def ptx_loss_fn(items: list[dict], pad_id: int, cfg: PPOConfig, device):
 # ---- the run ----------------------------------------------------------------------------------------
 
 
+@entry("ppo")
 def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: RewardSource | None = None,
             cost: RewardSource | None = None, ptx_texts: list[str] | None = None) -> OnlineResult:
     """Train ``cfg.model.path`` with PPO; save the policy (plain HF directory) to ``cfg.run.output_dir``.
@@ -227,6 +235,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
         lagrange = LagrangeMultiplier(cfg.cost_threshold, cfg.lagrange_init, cfg.lagrange_lr, cfg.lagrange_max or None)
 
     policy = load_causal_lm(cfg.model)
+    choose_logps_path(policy, cfg.run.logps_path)  # before the reference copy is made: it keeps the choice
     reference = Reference(policy)  # frozen copy, or the LoRA policy with its adapter disabled
     model = ActorCritic(policy, VALUE_MODELS[cfg.value_model](cfg, policy), shared=cfg.value_model == "shared")
     loop = OnlineLoop(model, cfg.optim, cfg.run, cfg.rollout, len(prompts), "ppo", config=cfg, prompts=prompts,
@@ -241,7 +250,7 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
     temperature, fwd_bs = cfg.sampling.temperature, cfg.optim.batch_size
     loop.register_state({"kl_controller": kl_ctl, "lagrange": lagrange})
 
-    for k in range(loop.start(), loop.num_rollouts):
+    for k in loop.rollouts():
         # 1. sample
         with loop.gathered():  # FSDP: the full policy for sampling and scoring, sharded again before the update
             with loop.timed("generation"):

@@ -117,7 +117,9 @@ class MetricsWriter:
         self.trackers = bool(accelerator.log_with)
         if self.trackers:
             flat = _flatten(_plain(config)) if config is not None else {}
-            accelerator.init_trackers("alignkit", config=flat)
+            # The project and run names are options (run.tracker_project, run.run_name).
+            names = {"wandb": {"name": run.run_name}, "mlflow": {"run_name": run.run_name}} if run.run_name else {}
+            accelerator.init_trackers(run.tracker_project or "alignkit", config=flat, init_kwargs=names)
 
     def write(self, row: dict, step: int) -> None:
         if self.jsonl:

@@ -15,6 +15,8 @@ a round can buy; metrics are defined in docs/rl.md.
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import os
 
 from dataclasses import dataclass, field, replace
@@ -87,6 +89,7 @@ def sft_items_from(gens: Generations, rows: list[int]) -> list[dict]:
     return items
 
 
+@entry("rs")
 def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: RewardSource | None = None) -> OnlineResult:
     """Rejection-sampling fine-tuning of ``cfg.model.path``; saves the policy to ``cfg.run.output_dir``."""
     from alignkit.train.outputs import claim_output_dir
@@ -131,7 +134,7 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
         print(f"[alignkit] rs round {r + 1}/{cfg.rounds}: reward mean {row['reward/mean']:.4f} "
               f"best-of-{n} {row['reward/best']:.4f}")
         if acc.is_main_process:
-            writer = MetricsWriter(writer_run, acc)
+            writer = MetricsWriter(writer_run, acc, config=cfg)  # saves alignkit_config.yaml beside the model
             writer.write(row, r + 1)
             writer.close()
     trainer.save_final(lambda out: save_model(policy, tokenizer, out), cfg.run.output_dir)

@@ -14,12 +14,15 @@ rewards free. The saved directory scores the same in alignkit and in plain ``tra
 (``AutoModelForSequenceClassification`` on ``apply_chat_template`` text): ``reward_scale`` is
 folded into the head's weights, nothing is subtracted at read time, and the pad token is one that
 cannot end a conversation (:func:`save_reward_model`; docs/templates.md). The mean reward of the
-training data, measured in the training forward passes, is stored as ``alignkit_reward_mean``
-for information (the mean over the last 512 training sequences; folded into the head's bias
-where it has one).
+training data is stored as ``alignkit_reward_mean`` for information and folded into the head's
+bias where it has one (``reward_mean``: the trained model's exact mean over the first 512
+training sequences from one prefix-shared, last-token-read pass, or the mean the training forward
+passes computed over the last 512, which costs nothing but was measured while the weights moved).
 """
 
 from __future__ import annotations
+
+from alignkit.context import entry
 
 import copy
 import re
@@ -62,6 +65,8 @@ class RMConfig:
     """Pairwise only: weight c of the centring term c·(r_chosen + r_rejected)² that pulls the mean reward toward 0 during training (Eisenstein et al. 2023; TRL's value); 0 = off. Nothing is subtracted at read time."""
     reward_scale: float = 1.0
     """Multiplier folded into the saved head's weights, so every reader (alignkit or plain transformers) gets scaled scores."""
+    reward_mean: str = "auto"
+    """The mean training reward saved as alignkit_reward_mean (and subtracted from the head's bias where it has one): 'final' (the trained model's mean over the first 256 training pairs or 512 rated rows: one no-grad pass, prefix-shared where exact, each reward read at its last token only; exact), 'training' (the mean over the last 512 training sequences as the training forward passes computed them: no extra pass, but the weights moved while it was measured), 'auto' (final where the head has a bias, since the number then changes the saved scores; else training)."""
     batching: str = "auto"
     """Pairwise only: padded, padding_free (pairs packed in one row), prefix_shared (one row prompt ‖ chosen ‖ rejected per pair, the prompt computed once), auto (padding_free if run.padding_free else padded)."""
 
@@ -70,6 +75,8 @@ class RMConfig:
             raise ValueError(f"objective must be auto, pairwise or regression; got {self.objective!r}")
         if self.center_rewards_coefficient < 0:
             raise ValueError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}")
+        if self.reward_mean not in ("auto", *REWARD_MEANS):
+            raise ValueError(f"reward_mean must be auto, {', '.join(REWARD_MEANS)}; got {self.reward_mean!r}")
         self.batching_name()
 
     def batching_name(self) -> str:
@@ -130,7 +137,7 @@ def regression_batch_loss(seen: RewardMean | None = None):
 
 def scoring_batching(model, batching: str = "auto") -> str:
     """The pair batching for scoring (no gradient) with ``model``: ``auto`` is prefix_shared
-    (each prompt computed once, one row per pair) where the model's family and attention
+    (each prompt computed once, each distinct response once: :func:`score_pairs`) where the model's family and attention
     implementation are served exactly (:func:`~alignkit.models.masks.batching_refusal`), else
     padded; an explicit name is checked and refused if it cannot be exact."""
     if batching == "auto":
@@ -138,6 +145,28 @@ def scoring_batching(model, batching: str = "auto") -> str:
     resolve_pair_batching(batching, False)  # rejects unknown names
     check_batching(batching, model)
     return batching
+
+
+def _score_distinct_sequences(head, items: list[dict], pad_id: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_pairs` under prefix sharing: (chosen (N,), rejected (N,)) from one reward per
+    distinct sequence; ``batch_size`` counts sequences."""
+    from alignkit.models.scoring import score_sequences
+
+    index: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}  # (prompt, response) -> row of `distinct`
+    distinct: list[dict] = []
+    sides = []  # per pair: (index of chosen, index of rejected) in `distinct`
+    for it in items:
+        pair = []
+        for side in ("chosen_ids", "rejected_ids"):
+            key = (tuple(it["prompt_ids"]), tuple(it[side]))
+            if key not in index:
+                index[key] = len(distinct)
+                distinct.append({"prompt_ids": it["prompt_ids"], "response_ids": it[side]})
+            pair.append(index[key])
+        sides.append(pair)
+    rewards = score_sequences(head, distinct, pad_id, batch_size, share_prompts=True)  # (S,)
+    which = torch.tensor(sides, dtype=torch.long).view(-1, 2)  # (N, 2)
+    return rewards[which[:, 0]], rewards[which[:, 1]]
 
 
 @torch.no_grad()
@@ -148,7 +177,14 @@ def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16,
 
     Pairs are scored in order of length (less padding per batch) through ``batching`` (see
     :data:`~alignkit.train.common.PAIR_COLLATES`; the caller checks it with
-    :func:`scoring_batching`), each reward read at its sequence's last token only."""
+    :func:`scoring_batching`), each reward read at its sequence's last token only. Under
+    ``prefix_shared`` each distinct (prompt, response) sequence of the pairs is scored once, all
+    responses to a prompt in one row where that is cheaper
+    (:func:`~alignkit.models.scoring.score_sequences`): a pair costs its prompt once and its two
+    responses, and a ranking of K responses expanded into K(K−1)/2 pairs costs one prompt and K
+    responses instead of K(K−1)/2 prompts and K(K−1) responses."""
+    if batching == "prefix_shared":
+        return _score_distinct_sequences(head, items, pad_id, 2 * batch_size)
     device = next(head.parameters()).device
     collate = PAIR_COLLATES[batching]
     order = sorted(range(len(items)), key=lambda i: items[i]["length"])
@@ -161,15 +197,49 @@ def score_pairs(head, items: list[dict], pad_id: int, batch_size: int = 16,
     return chosen, rejected
 
 
-@torch.no_grad()
 def score_rated(head, items: list[dict], pad_id: int, batch_size: int = 16) -> torch.Tensor:
+    """Raw rewards of rated (or any prompt/response) items, ``(N,)`` in the order of ``items``:
+    length-sorted batches, each reward read at its sequence's last token only, a prompt shared by
+    several responses computed once where exact and cheaper (:mod:`alignkit.models.scoring`)."""
+    from alignkit.models.scoring import score_sequences
 
-    device = next(head.parameters()).device
-    out = []
-    for i in range(0, len(items), batch_size):
-        batch = {k: v.to(device) for k, v in collate_rated(items[i : i + batch_size], pad_id).items() if torch.is_tensor(v)}
-        out.append(sequence_rewards(head, batch).float().cpu())
-    return torch.cat(out)
+    return score_sequences(head, items, pad_id, batch_size)
+
+
+# ---- the mean training reward --------------------------------------------------------------------
+
+#: Sequences the 'final' mean covers: the first 256 training pairs (512 sequences) or 512 rated rows.
+FINAL_MEAN_SEQUENCES = 512
+
+
+def final_reward_mean(head, items: list[dict], pad_id: int, objective: str, batch_size: int = 16) -> float:
+    """The trained model's mean raw reward over the first :data:`FINAL_MEAN_SEQUENCES` training
+    sequences (chosen and rejected both): one no-grad pass, pairs prefix-shared where the model is
+    served exactly, each reward read at its sequence's last token only. Equal to the mean of
+    ``AutoModelForSequenceClassification`` on each sequence alone (tests/test_rm_fast.py). It costs what
+    eval-rm costs per pair, not a padded forward (``benchmarks/bench_rm_scoring.py``, docs/batching.md)."""
+    if objective == "pairwise":
+        sample = items[: FINAL_MEAN_SEQUENCES // 2]
+        chosen, rejected = score_pairs(head, sample, pad_id, batch_size, scoring_batching(head.model))
+        return float(torch.cat([chosen, rejected]).double().mean())
+    return float(score_rated(head, items[:FINAL_MEAN_SEQUENCES], pad_id, batch_size).double().mean())
+
+
+#: reward_mean -> (head, seen, items, pad_id, objective, batch_size) -> the mean training reward
+REWARD_MEANS = {
+    "training": lambda head, seen, items, pad_id, objective, batch_size: seen.mean,
+    "final": lambda head, seen, items, pad_id, objective, batch_size: final_reward_mean(
+        head, items, pad_id, objective, batch_size),
+}
+
+
+def reward_mean_choice(option: str, model) -> str:
+    """The ``reward_mean`` actually used for ``model``: ``auto`` is ``final`` where the head has a
+    bias (the mean is subtracted from it, so it changes every saved score and must be the final
+    model's), else ``training`` (only recorded, for information)."""
+    if option != "auto":
+        return option
+    return "final" if any(linear.bias is not None for linear in _head_linears(model)) else "training"
 
 
 def pairwise_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margins: list[float], labels: dict[float, str] | None = None) -> dict:
@@ -210,6 +280,7 @@ def _evaluator(objective: str, items: list[dict], pad_id: int, batching: str = "
     return evaluate
 
 
+@entry("rm")
 def run_rm(cfg: RMConfig):
     """Train a reward model and save it (plain HF ``*ForSequenceClassification`` directory)."""
     seed_everything(cfg.run.seed)
@@ -245,14 +316,19 @@ def run_rm(cfg: RMConfig):
         )
     trainer = Trainer(head, task, cfg.optim, cfg.run, config=cfg)
     result = trainer.fit()
+    head = trainer.unwrapped()
+    head.eval()
+    source = reward_mean_choice(cfg.reward_mean, head.model)
+    # On every process, before the main process saves: a sharded model (FSDP) runs a forward only
+    # with every process taking part.
+    raw_mean = REWARD_MEANS[source](head, seen, data.train, pad, objective, cfg.optim.batch_size)
 
     def write(out):
-        head = trainer.unwrapped()
-        head.eval()
-        mean = save_reward_model(head.model, tokenizer, out, cfg.reward_scale, seen.mean,
-                                 extra_config={"alignkit_objective": objective, **reward_model_marker(objective=objective)})
-        print(f"[alignkit] saved reward model to {cfg.run.output_dir} (mean training reward {mean:.4f}, "
-              f"reward_scale {cfg.reward_scale:g} folded into the head)")
+        mean = save_reward_model(head.model, tokenizer, out, cfg.reward_scale, raw_mean,
+                                 extra_config={"alignkit_objective": objective, "alignkit_reward_mean_from": source,
+                                               **reward_model_marker(objective=objective)})
+        print(f"[alignkit] saved reward model to {cfg.run.output_dir} (mean training reward {mean:.4f} "
+              f"[reward_mean={source}], reward_scale {cfg.reward_scale:g} folded into the head)")
 
     trainer.save_final(write)
     return result
@@ -317,7 +393,9 @@ def save_reward_model(model, tokenizer, out_dir: str | Path, reward_scale: float
     - ``reward_scale`` is folded into the head's weights (and bias);
     - the mean training reward ``reward_mean`` (already centred by the training loss) is stored
       as ``alignkit_reward_mean`` after scaling, for information; where the head has a bias it is
-      also subtracted from the bias (``alignkit_reward_mean_folded``), which centres exactly;
+      also subtracted from the bias (``alignkit_reward_mean_folded``), which centres exactly when
+      ``reward_mean`` is the final model's (``RMConfig.reward_mean``: ``final``, the ``auto``
+      choice for such heads);
     - a tokenizer without a chat template gets the plain layout's template
       (``alignkit.models.factory.CHAT_TEMPLATE``), which renders what alignkit trained on;
     - an older alignkit's ``reward_offset``/``reward_scale`` keys (read-time calibration that

@@ -10,6 +10,8 @@ goes to padding; a model that cannot be served exactly that way is refused (docs
 
 from __future__ import annotations
 
+from alignkit.context import entry
+
 import math
 from dataclasses import dataclass, field
 
@@ -79,6 +81,7 @@ def build_sft_task(items: list[dict], eval_items: list[dict], pad_id: int, paddi
     return Task(items=items, collate=collate, loss=sft_batch_loss, units=response_tokens, evaluate=evaluate, name="sft")
 
 
+@entry("sft")
 def run_sft(cfg: SFTConfig):
     """Fine-tune ``cfg.model.path`` on ``cfg.data`` and save a plain HF directory to ``cfg.run.output_dir``."""
     seed_everything(cfg.run.seed)

@@ -85,6 +85,5 @@ ONLINE_UNREAD = {
     "data.eval_size": "the online methods evaluate on a separate prompt file only (data.eval_path)",
     "data.eval_split": "the online methods evaluate on a separate prompt file only (data.eval_path)",
     "run.padding_free": "sampled responses are batched padded; packing applies to sft and rm",
-    "run.logps_path": "the online methods read log-probs from the logits of their rollout forward passes",
 }
 

@@ -174,6 +174,14 @@ class OnlineLoop:
         self._t0 = time.perf_counter()
         return start
 
+    def rollouts(self):
+        """The rollout indices to run: from :meth:`start` (resume) to the last, ending early when a
+        callback asked to stop (after :meth:`maybe_save` checkpointed that rollout)."""
+        for k in range(self.start(), self.num_rollouts):
+            yield k
+            if self.engine.stop_requested:
+                return
+
     def log(self, k: int, row: dict, tokens: int) -> dict:
         """Write the metrics row of rollout ``k`` (plus timings, lr, tokens/s, evaluation when due)
         and reset the timers."""
@@ -199,8 +207,8 @@ class OnlineLoop:
         return row
 
     def maybe_save(self, k: int) -> None:
-        """Checkpoint after rollout ``k`` every ``run.save_every`` rollouts (the engine's
-        checkpoint, plus the metrics history so far)."""
+        """Checkpoint after rollout ``k`` every ``run.save_every`` rollouts, and where a callback
+        asked to stop (the engine's checkpoint, plus the metrics history so far)."""
         if self.engine.due_checkpoint(k + 1):
             self.engine.save_checkpoint(k + 1, {"history": self.history})
 

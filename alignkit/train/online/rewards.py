@@ -9,7 +9,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from alignkit.rollout.rewards import Clipped, RewardModel, RewardSource, SafetyGated, WeightedSum, Whitened
+from alignkit.rollout.rewards import (
+    Clipped, RewardModel, RewardSource, SafetyGated, WeightedSum, Whitened, as_reward, check_scores,
+)
 from alignkit.train.online.collectives import all_reduce_sum
 
 Messages = list[dict]
@@ -54,19 +56,28 @@ class _WhitenOnFirstCall(Whitened):
 
 def build_reward(cfg: RewardConfig, reward: RewardSource | None = None, device="cpu", max_length: int = 512,
                  max_prompt_length: int = 384) -> RewardSource:
-    """``reward`` if given, else the reward models of ``cfg`` (weighted sum, optional Llama 2
+    """The reward of an online run: the reward models of ``cfg`` (weighted sum, optional Llama 2
     safety gating), each reading conversations cut to ``max_length`` tokens (prompts to
-    ``max_prompt_length``) as the command's data section says; then whitening and clipping if
-    configured."""
-    if reward is None:
+    ``max_prompt_length``) as the command's data section says, and/or ``reward`` given in Python
+    (a RewardSource, or a batched callable ``reward(prompts, responses) -> N floats``): alone when
+    no reward models are configured, else added to their weighted sum with weight 1 (before the
+    safety gate). Then whitening and clipping if configured."""
+    given = None if reward is None else as_reward(reward)  # a plain callable: a batched function reward
+    reward = given
+    if reward is None or cfg.reward_models:
         if not cfg.reward_models:
-            raise ValueError("no reward: set reward.reward_models to reward-model directories, or pass a RewardSource")
+            raise ValueError("no reward: set reward.reward_models to reward-model directories, or pass a RewardSource "
+                             "or a function reward(prompts, responses) -> scores")
         weights = cfg.weights or [1.0] * len(cfg.reward_models)
         if len(weights) != len(cfg.reward_models):
             raise ValueError(f"reward.weights has {len(weights)} entries for {len(cfg.reward_models)} reward models")
         lengths = dict(device=device, max_length=max_length, max_prompt_length=max_prompt_length)
         models = [(RewardModel(p, name=Path(p).name, **lengths), w) for p, w in zip(cfg.reward_models, weights)]
-        reward = models[0][0] if len(models) == 1 and weights[0] == 1.0 else WeightedSum(models)
+        if given is not None:  # a Python reward beside reward models: summed with weight 1
+            models.append((given, 1.0))
+            print(f"[alignkit] reward: {' + '.join(f'{w:g}·{m.name}' for m, w in models)} (the Python reward has weight 1; "
+                  "pass WeightedSum([...]) for other weights)")
+        reward = models[0][0] if len(models) == 1 and models[0][1] == 1.0 else WeightedSum(models)
         if cfg.safety_model:
             reward = SafetyGated(reward, RewardModel(cfg.safety_model, name="safety", **lengths), cfg.safety_threshold)
     if cfg.whiten:
@@ -79,5 +90,8 @@ def build_reward(cfg: RewardConfig, reward: RewardSource | None = None, device="
 def score_responses(reward: RewardSource, prompts: list[Messages], texts: list[str], finished: Tensor,
                     unfinished_penalty: float) -> tuple[Tensor, Tensor]:
     """(raw scores (B,), scores (B,) with ``unfinished_penalty`` subtracted where ``finished`` is False)."""
-    raw = reward(prompts, texts).float().cpu()
+    # Every source's output is checked for one score per response. A non-finite score from a
+    # reward model or a per-example function is left to the engine's guard (that update is skipped
+    # and counted, docs/rl.md); a batched Python reward refuses it itself (BatchFunctionReward).
+    raw = check_scores(reward(prompts, texts), len(texts), getattr(reward, "name", "reward"), texts, finite=False)
     return raw, raw - unfinished_penalty * (~finished.cpu()).float()
