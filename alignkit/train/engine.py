@@ -605,6 +605,10 @@ class Engine:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        # Every process writes its own files into tmp (its RNG state; under FSDP with sharded state
+        # dicts its shards): all must have finished before the main process renames tmp, or a
+        # slower one finds its folder gone ("Parent directory .tmp-step-N does not exist").
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": step, "total_steps": self.total_steps, "fingerprint": self.fingerprint,
                      "state": {name: obj.state_dict() for name, obj in self._state.items()},
