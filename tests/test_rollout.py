@@ -220,3 +220,170 @@ def test_loss_reductions_do_not_depend_on_the_split():
     w, units = LOSS_REDUCTIONS["sequence"](mask)
     per_seq = [(losses[i] * mask[i]).sum() / mask[i].sum() for i in range(1, 6)]
     assert torch.allclose((losses * w * mask).sum() / units, torch.stack(per_seq).sum() / 6)
+
+
+# ---- the decode loop: each sample equals model.generate on its prompt alone ------------------------
+
+_PROMPTS = [[{"role": "user", "content": "Hi"}],
+            [{"role": "user", "content": "What is the colour of item 12 and item 13 and the fox, and why?"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count."}],
+            [{"role": "user", "content": "Tell me about the river and the old mill."}]]
+
+
+class _DrawFrom:
+    """Reference sampler for ``model.generate``: draw from softmax(scores) with one given stream
+    (the same draw rule; what is compared is everything around it: batching, caches, order)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def __call__(self, input_ids, scores):
+        from alignkit.rollout.generate import draw_tokens
+
+        token = draw_tokens(scores, [self.rng])[:, None]  # (1, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+
+def _reference(model, tok, gen: HFGenerator, prompt_ids: list[int], seed: int | None) -> list[int]:
+    """``model.generate`` on one prompt (no padding, no batch), greedy or drawing from ``seed``'s stream."""
+    from transformers import LogitsProcessorList
+
+    procs = LogitsProcessorList(list(gen._processors()) + ([_DrawFrom(torch.Generator().manual_seed(seed))] if seed is not None else []))
+    out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=gen.sampling.max_new_tokens, eos_token_id=gen.stop_ids, pad_token_id=tok.pad_token_id,
+                         do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=procs)
+    new = out[0, len(prompt_ids):].tolist()
+    stop = next((k for k, t in enumerate(new) if t in gen.stop_ids), None)
+    return new if stop is None else new[: stop + 1]
+
+
+def _favour_eos(model, tok, bump: float = 4.5):
+    """Raise the EOS logit so that samples stop at different lengths (a random tiny model rarely stops)."""
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[..., tok.eos_token_id] += bump
+        return out
+    return model.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9), (0.0, 1.0)])
+def test_every_sample_equals_generate_on_its_prompt_alone(tiny_dir, tiny_tokenizer, temperature, top_p):
+    """Sorted batches, shared prefills, dropped finished rows and the order restored: sample j (in
+    the caller's order) is exactly what ``model.generate`` gives for its prompt alone, greedy or
+    drawing from sample j's own stream."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir))).eval()
+    _favour_eos(model, tiny_tokenizer)
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=10, temperature=temperature, top_p=top_p,
+                                                            generation_batch_size=5))
+    gens = gen.generate(_PROMPTS, n=3, seed=11)
+    assert gens.prompt_index == [i for i in range(4) for _ in range(3)]
+    seeds = gen.sample_seeds(12, 11) if temperature > 0 else [None] * 12
+    lengths = set()
+    for j, (ids, resp, fin) in enumerate(zip(gens.prompt_ids, gens.response_ids, gens.finished)):
+        assert resp == _reference(model, tiny_tokenizer, gen, ids, seeds[j]), j
+        assert fin == (resp[-1] in gen.stop_ids)
+        lengths.add(len(resp))
+    if temperature > 0:  # (greedy with the EOS bump stops at once)
+        assert len(lengths) > 1  # rows stopped at different steps: the dropping was exercised
+
+
+def test_samples_do_not_depend_on_the_batching(tiny_dir, tiny_tokenizer):
+    """generation_batch_size (1, 4, 64) changes which samples share a batch and their order in it,
+    never a sample: each draws from its own stream and comes back at its own place."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    _favour_eos(model, tiny_tokenizer)
+    outs = [HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=8, generation_batch_size=b)).generate(
+        _PROMPTS, n=2, seed=3) for b in (1, 4, 64)]
+    assert outs[0].response_ids == outs[1].response_ids == outs[2].response_ids
+    assert outs[0].prompt_index == outs[2].prompt_index == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def _forward_rows(model):
+    """Record (rows, width, padding tokens) of every forward call."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        ids, att = kwargs["input_ids"], kwargs.get("attention_mask")
+        pads = int((att[:, : ids.shape[1]] == 0).sum()) if att is not None and ids.shape[1] > 1 else 0
+        calls.append((ids.shape[0], ids.shape[1], pads))
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+@pytest.mark.parametrize("unpadded", [True, False])
+def test_prefill_once_per_prompt_sorted_by_length_and_finished_rows_leave(tiny_dir, tiny_tokenizer, unpadded, monkeypatch):
+    """The savings, counted on the model's forward calls: each distinct prompt is prefilled once
+    for its n samples (alone, without padding; or, for a cache the loop cannot pad, in one
+    left-padded batch); batches are cut from the length-sorted prompts; a finished sample is never
+    computed again (decode rows = Σ (response length − 1)). Both prefills give the same samples."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    _favour_eos(model, tiny_tokenizer)
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=10, generation_batch_size=4))
+    prompts = [_PROMPTS[0], _PROMPTS[1], _PROMPTS[2], _PROMPTS[3]]  # short, long, short, long
+    lengths = [len(ids) for ids in gen.generate(prompts).prompt_ids]
+    expected = gen.generate(prompts, n=2, seed=5).response_ids
+    if not unpadded:
+        monkeypatch.setattr(HFGenerator, "_prefill_unpadded", lambda self, *a: (None, None))
+    calls = _forward_rows(model)
+    gens = gen.generate(prompts, n=2, seed=5)
+    assert gens.response_ids == expected
+    prefills = [c for c in calls if c[1] > 1]
+    decodes = [c for c in calls if c[1] == 1]
+    by_length = sorted(lengths, reverse=True)
+    if unpadded:  # per batch (2 prompts): one call per prompt without padding where a batch would pad much
+        from alignkit.rollout.generate import PAD_TO_SPLIT
+
+        want = []
+        for a, b in (by_length[:2], by_length[2:]):
+            want += [(1, a, 0), (1, b, 0)] if 1 - (a + b) / (2 * a) > PAD_TO_SPLIT else [(2, a, a - b)]
+        assert prefills == want and any(rows == 1 for rows, _, _ in prefills)
+    else:  # 4 samples = 2 prompts x 2 per batch, each prompt once, the long ones together
+        assert [rows for rows, _, _ in prefills] == [2, 2]
+        assert sum(pad for _, _, pad in prefills) == (by_length[0] - by_length[1]) + (by_length[2] - by_length[3])
+    assert sum(rows for rows, _, _ in decodes) == sum(len(r) - 1 for r in gens.response_ids)
+    assert any(len(r) < 10 for r in gens.response_ids)
+
+
+def test_prompts_of_close_lengths_are_prefilled_in_one_call(tiny_dir, tiny_tokenizer):
+    """Without padding to save, one batched prefill (a forward per prompt would only add its fixed
+    cost, which dominates small models): the split is taken only above PAD_TO_SPLIT padding."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    gen = HFGenerator(model, tiny_tokenizer, SamplingConfig(max_new_tokens=3))
+    prompts = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(4)]
+    from alignkit.rollout.generate import PAD_TO_SPLIT
+
+    lengths = [len(ids) for ids in gen.generate(prompts).prompt_ids]
+    pad = 4 * max(lengths) - sum(lengths)
+    assert pad / (4 * max(lengths)) <= PAD_TO_SPLIT
+    calls = _forward_rows(model)
+    gen.generate(prompts, n=2, seed=0)
+    assert [c for c in calls if c[1] > 1] == [(4, max(lengths), pad)]
+
+
+def test_draw_tokens_samples_the_distribution_and_never_a_cut_token():
+    """Inverse-CDF draws: frequencies match the probabilities (χ²-style bound), tokens of
+    probability 0 (cut by top-k/top-p: -inf scores) are never drawn, and each row reads its own stream."""
+    from alignkit.rollout.generate import draw_tokens
+
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    scores = probs.log().expand(4000, 5)
+    rng = torch.Generator().manual_seed(0)
+    tokens = torch.cat([draw_tokens(scores[i : i + 100], [rng] * 100) for i in range(0, 4000, 100)])
+    freq = torch.bincount(tokens, minlength=5).double() / 4000
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs.double(), atol=0.03), freq
+    a = draw_tokens(torch.zeros(2, 50), [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    b = draw_tokens(torch.zeros(1, 50), [torch.Generator().manual_seed(2)])
+    assert a[1] == b[0]  # row 1's draw depends on its stream only

@@ -8,16 +8,18 @@ generator with :func:`make_generator`, which picks the engine named by ``samplin
 :data:`GENERATORS`; a faster engine (vLLM on a GPU, say) registers there and implements
 :meth:`Generator.generate_ids`, without touching a trainer.
 
-:class:`HFGenerator`, the default (``backend=hf``), runs ``transformers``' ``generate`` (KV cache,
-left-padded batches, temperature / top-p / top-k, stop at the chat template's end of turn or EOS,
-see :func:`alignkit.data.tokenize.chat_format`) and draws each token from its own
-``torch.Generator``. Logits that are not finite (a diverged policy) stop sampling with a
+:class:`HFGenerator`, the default (``backend=hf``), samples from a ``transformers`` model with its
+KV cache in a decode loop of its own (length-sorted left-padded batches, each prompt prefilled once
+for its ``n`` samples, temperature / top-p / top-k, each row stopping at the chat template's end of
+turn or EOS, see :func:`alignkit.data.tokenize.chat_format`), drawing each sample's tokens from its
+own ``torch.Generator``; every sample equals ``model.generate`` on its prompt alone with that stream. Logits that are not finite (a diverged policy) stop sampling with a
 :class:`~alignkit.numerics.NonFiniteError` that names the cause, never a traceback from inside
 ``transformers``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,38 +91,72 @@ def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 class _NonFiniteLogits(Exception):
-    """Raised inside ``generate`` by :class:`_PickToken`; turned into a NonFiniteError with its cause."""
+    """Raised inside the decode loop by :func:`_refuse_nonfinite`; turned into a NonFiniteError with its cause."""
 
     def __init__(self, rows: int, batch: int, position: int):
         super().__init__(rows, batch, position)
         self.rows, self.batch, self.position = rows, batch, position
 
 
-class _PickToken:
-    """The last logits processor of :class:`HFGenerator`: refuse scores that are not finite, then
-    (when sampling) draw the next token from softmax(scores) with this generator's own
-    ``torch.Generator`` and return scores that make ``generate``'s greedy argmax pick it.
+#: Prefill each prompt of a batch alone when a left-padded batch would be more than this fraction
+#: padding (measured: SmolLM2-135M, 8 HH prompts at 23% padding, one thread: see docs/scaling.md).
+PAD_TO_SPLIT = 0.10
 
-    ``torch.multinomial`` on the softmax is what ``transformers`` samples with; here it reads a
-    local random stream, so sampling never reseeds (or reads) the global one.
+
+def _cache_of(out):
+    """The KV cache a forward returned (``cache`` in transformers ≥ 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def draw_tokens(scores: torch.Tensor, rngs: list[torch.Generator]) -> torch.Tensor:
+    """One token per row from softmax(scores), row ``b`` reading only ``rngs[b]``: (b, V) -> (b,).
+
+    Inverse-CDF sampling: one uniform u_b per row from its own stream, token = the first index whose
+    cumulative probability exceeds u_b · total (a token of probability 0, e.g. cut by top-k/top-p,
+    can never be drawn). Exactly a draw from the categorical distribution, with one tiny random
+    draw per row: ``torch.multinomial`` would need a call per row to keep the streams apart, and
+    costs ~17x more (SmolLM2's 49,152-token vocabulary, 32 rows, one thread).
     """
+    probs = torch.softmax(scores.double(), dim=-1)  # float64: the cumulative sum stays exact enough over 10^5 tokens
+    cdf = probs.cumsum(-1)  # (b, V)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=scores.device) for g in rngs])  # (b,)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]  # (b,) first index with cdf > u
+    return token.clamp(max=scores.shape[-1] - 1)
 
-    def __init__(self, rng: torch.Generator | None, prompt_width: int):
-        self.rng, self.prompt_width = rng, prompt_width
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        # (b, V) after temperature / top-k / top-p: a NaN or +inf anywhere, or no finite entry, is a broken row
-        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
-        if bool(bad.any()):
-            raise _NonFiniteLogits(int(bad.sum()), scores.shape[0], input_ids.shape[1] - self.prompt_width + 1)
-        if self.rng is None:  # greedy
-            return scores
-        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=self.rng)  # (b, 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+def _refuse_nonfinite(scores: torch.Tensor, position: int) -> None:
+    """(b, V) scores after temperature / top-k / top-p: a NaN or +inf anywhere, or no finite entry,
+    is a broken row (a diverged policy or an overflowing forward)."""
+    bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+    if bool(bad.any()):
+        raise _NonFiniteLogits(int(bad.sum()), scores.shape[0], position)
 
 
 class HFGenerator(Generator):
-    """``transformers`` ``generate`` with the KV cache on left-padded batches."""
+    """Sampling from a ``transformers`` causal LM with its KV cache, in a decode loop of our own.
+
+    What it does beyond ``model.generate`` (each an optimisation, never a different answer; see
+    ``tests/test_rollout.py``, which checks every sample against ``model.generate`` run on that
+    prompt alone with the same random stream):
+
+    * **one random stream per sample**: sample ``j`` of a call draws every token from its own
+      ``torch.Generator``, seeded from ``(seed, j)``, by inverse-CDF sampling (:func:`draw_tokens`); so a sample does not depend on which other
+      samples share its batch, their order, or when they stop, and the batching below is free;
+    * **length-sorted batches**: samples are sorted by prompt length (longest first) before being
+      cut into ``generation_batch_size`` batches, so a batch pads little; results come back in
+      the caller's order;
+    * **the prompt computed once per group**: the ``n`` samples of a prompt share its prefill
+      (the KV cache is computed for each distinct prompt of a batch, then repeated), which is
+      most of the work for short responses (GRPO's group of G, best-of-N);
+    * **no padding in the prefill** where a batch's prompt lengths differ by much (more than
+      :data:`PAD_TO_SPLIT` of the batch would be padding): each prompt's cache is computed alone
+      and left-padded with zeros (the padding's keys are masked anyway);
+    * **only the last position's logits** (``logits_to_keep=1``): the prefill never builds a
+      (b, prompt length, V) logits tensor;
+    * **per-row stopping**: a sample stops at its first end of turn or EOS and leaves the batch
+      (its rows of the KV cache are dropped), so finished samples cost nothing afterwards.
+    """
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig | None = None, max_prompt_length: int = 384):
         from alignkit.data.tokenize import stop_token_ids
@@ -131,8 +167,8 @@ class HFGenerator(Generator):
         self.stop_ids = stop_token_ids(tokenizer)
         """Sampling stops at any of these: the chat template's end of turn and EOS."""
 
-    def _processors(self, rng: torch.Generator | None, prompt_width: int):
-        """Temperature, top-k, top-p (as transformers orders them when it samples), then the token pick."""
+    def _processors(self):
+        """Temperature, top-k, top-p (as transformers orders them when it samples)."""
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         s, out = self.sampling, LogitsProcessorList()
@@ -143,55 +179,35 @@ class HFGenerator(Generator):
                 out.append(TopKLogitsWarper(top_k=s.top_k, min_tokens_to_keep=1))
             if s.top_p < 1.0:
                 out.append(TopPLogitsWarper(top_p=s.top_p, min_tokens_to_keep=1))
-        out.append(_PickToken(rng, prompt_width))
         return out
+
+    def sample_seeds(self, count: int, seed: int | None) -> list[int]:
+        """The seed of each sample's random stream: from ``seed``, else from torch's global stream
+        (reproducible under a seeded run; read, never reseeded)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return torch.randint(0, 2**31 - 1, (count,), generator=gen).tolist()
 
     @torch.no_grad()
     def generate_ids(self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None) -> Generations:
         s = self.sampling
         tok = self.tokenizer
-        stops, pad = set(self.stop_ids), tok.pad_token_id
+        stops = set(self.stop_ids)
         model = self.model
-        device = next(model.parameters()).device
         expanded = [(i, ids[-self.max_prompt_length :]) for i, ids in enumerate(prompt_ids) for _ in range(n)]
-        out_prompt, out_resp, out_fin, out_idx = [], [], [], []
-        seeds = torch.Generator().manual_seed(seed) if seed is not None else None  # one seed per chunk
+        seeds = self.sample_seeds(len(expanded), seed) if s.temperature > 0 else [None] * len(expanded)
+        # Longest prompts first (stable: a prompt's samples stay together, so they share a batch
+        # and its prefill); results are written back at each sample's position.
+        order = sorted(range(len(expanded)), key=lambda j: -len(expanded[j][1]))
+        out_resp: list[list[int]] = [[] for _ in expanded]
+        out_fin = [False] * len(expanded)
         was_training = model.training
         model.eval()
         try:
-            for start in range(0, len(expanded), s.generation_batch_size):
-                chunk = expanded[start : start + s.generation_batch_size]
-                width = max(len(ids) for _, ids in chunk)
-                input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                for r, (_, ids) in enumerate(chunk):  # left padding: the new tokens line up on the right
-                    input_ids[r, width - len(ids) :] = torch.tensor(ids)
-                    attention[r, width - len(ids) :] = 1
-                rng = None
-                if s.temperature > 0:
-                    chunk_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=seeds))  # seeds=None: the global stream
-                    rng = torch.Generator(device=device).manual_seed(chunk_seed)
-                # Greedy decoding of the processed scores: the last processor has already drawn the token.
-                seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                      max_new_tokens=s.max_new_tokens, eos_token_id=list(self.stop_ids), pad_token_id=pad,
-                                      use_cache=True, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                      logits_processor=self._processors(rng, width),
-                                      # FSDP weights gathered for the rollout (train/engine.full_weights):
-                                      # forwards make no collectives, so no per-token sync across processes
-                                      synced_gpus=False if model.__dict__.get("_alignkit_full_weights") else None)
-                new = seqs[:, width:].cpu().tolist()  # (b, ≤ max_new_tokens)
-                for (i, ids), row in zip(chunk, new):
-                    resp, finished = [], False
-                    for t in row:
-                        resp.append(t)
-                        if t in stops:
-                            finished = True
-                            break
-                    # generate pads finished rows with pad; if pad is a stop token, the break above already stopped
-                    out_prompt.append(list(ids))
-                    out_resp.append(resp)
-                    out_fin.append(finished)
-                    out_idx.append(i)
+            for start in range(0, len(order), s.generation_batch_size):
+                rows = order[start : start + s.generation_batch_size]
+                resp, fin = self._decode([expanded[j] for j in rows], [seeds[j] for j in rows], stops)
+                for j, r, f in zip(rows, resp, fin):
+                    out_resp[j], out_fin[j] = r, f
         except _NonFiniteLogits as e:
             bad = nonfinite_tensors(model)
             cause = (f"the model's weights are not finite ({describe(bad)}): the training diverged; {FIXES}" if bad else
@@ -201,7 +217,103 @@ class HFGenerator(Generator):
         finally:
             model.train(was_training)
         texts = [tok.decode([t for t in r if t not in stops], skip_special_tokens=True).strip() for r in out_resp]
-        return Generations(out_prompt, out_resp, texts, out_fin, out_idx)
+        return Generations([list(ids) for _, ids in expanded], out_resp, texts, out_fin, [i for i, _ in expanded])
+
+    def _prefill_unpadded(self, prompts: list[list[int]], width: int, device):
+        """Each prompt's KV cache computed alone (no padding, causal attention without a mask),
+        then left-padded with zeros to ``width`` and stacked: the padding costs no compute (its keys
+        are masked in every later step). Returns (cache, last-position logits (u, V)), or
+        (None, None) when the model's cache is not made of plain growing layers (sliding windows,
+        static or quantised caches): the caller then prefills one padded batch."""
+        from transformers.cache_utils import DynamicLayer
+
+        caches, logits = [], []
+        for ids in prompts:
+            out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+            cache = _cache_of(out)
+            if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None])):
+                return None, None
+            caches.append(cache)
+            logits.append(out.logits[:, -1, :].float())  # (1, V)
+        if len(caches) > 1:
+            first = caches[0]
+            for n, layer in enumerate(first.layers):  # (u, heads, width, head_dim), zeros on the left
+                for name in ("keys", "values"):
+                    setattr(layer, name, torch.cat([
+                        torch.nn.functional.pad(getattr(c.layers[n], name), (0, 0, width - len(ids), 0))
+                        for c, ids in zip(caches, prompts)]))
+        return caches[0], torch.cat(logits)
+
+    def _decode(self, chunk: list[tuple[int, list[int]]], seeds: list[int | None], stops: set[int]):
+        """Sample one batch: (prompt index, prompt ids) per row, that row's stream seed (None: greedy).
+        Returns (response ids, finished) per row."""
+        s, model = self.sampling, self.model
+        device = next(model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+        # Distinct prompts of the batch (rows of one prompt are adjacent), prefilled once each.
+        uniq: dict[int, int] = {}
+        for i, _ in chunk:
+            uniq.setdefault(i, len(uniq))
+        prompts = {i: ids for i, ids in chunk}
+        width = max(len(ids) for ids in prompts.values())
+        # transformers ≥ 5.2x calls the KV cache argument `cache` (`past_key_values` before, deprecated after)
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        attention = torch.zeros((len(uniq), width), dtype=torch.long)
+        for i, u in uniq.items():  # left padding: the new tokens line up on the right
+            attention[u, width - len(prompts[i]) :] = 1
+        # Padding that would be computed in one batch; below PAD_TO_SPLIT of its tokens, one call
+        # beats one call per prompt (each forward has a fixed cost, which dominates small models).
+        padding = 1 - sum(len(prompts[i]) for i in uniq) / (len(uniq) * width)
+        cache = logits = None
+        if padding > PAD_TO_SPLIT:
+            cache, logits = self._prefill_unpadded([prompts[i] for i in uniq], width, device)
+        if cache is None:  # little padding, or a cache this loop cannot pad: one left-padded batch
+            input_ids = torch.full((len(uniq), width), pad, dtype=torch.long)
+            for i, u in uniq.items():
+                input_ids[u, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            # Positions count real tokens only (as model.generate computes them for left padding).
+            positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (u, width)
+            out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                        position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()  # (u, V)
+        expand = torch.tensor([uniq[i] for i, _ in chunk], device=device)  # (b,) row -> its prompt's prefill row
+        if len(uniq) != len(chunk):
+            cache.batch_select_indices(expand)
+        logits = logits[expand]  # (b, V)
+        attention = attention.to(device)[expand]  # (b, width)
+        next_pos = attention.sum(-1)  # (b,) position of each row's next token
+        rngs = [torch.Generator(device=device).manual_seed(x) if x is not None else None for x in seeds]
+        processors = self._processors()
+        live = list(range(len(chunk)))  # batch row -> chunk row, for the rows still sampling
+        resp: list[list[int]] = [[] for _ in chunk]
+        fin = [False] * len(chunk)
+        for step in range(s.max_new_tokens):
+            scores = processors(None, logits)  # (b, V); temperature / top-k / top-p read no input ids
+            _refuse_nonfinite(scores, step + 1)
+            if seeds[0] is None:  # greedy (a call is all greedy or all sampled)
+                token = scores.argmax(-1)  # (b,)
+            else:
+                token = draw_tokens(scores, [rngs[r] for r in live])  # (b,) each row from its own stream
+            keep = []
+            for b, (r, t) in enumerate(zip(live, token.tolist())):
+                resp[r].append(t)
+                if t in stops:
+                    fin[r] = True
+                else:
+                    keep.append(b)
+            if not keep or step + 1 == s.max_new_tokens:
+                break
+            if len(keep) < len(live):  # finished rows leave the batch and the cache
+                idx = torch.tensor(keep, device=device)
+                cache.batch_select_indices(idx)
+                token, attention, next_pos = token[idx], attention[idx], next_pos[idx]
+                live = [live[b] for b in keep]
+            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)  # (b, width + step + 1)
+            out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_pos[:, None],
+                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+            cache, logits = _cache_of(out), out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+        return resp, fin
 
 
 #: Generation engines by ``sampling.backend``: (model, tokenizer, sampling, max_prompt_length) -> Generator.

@@ -72,6 +72,7 @@ class OnlineLoop:
         self.acc, self.model, self.scheduler = acc, self.engine.model, self.engine.scheduler
         self.evaluate = evaluate
         self.times: dict[str, float] = defaultdict(float)
+        self.cpu_times: dict[str, float] = defaultdict(float)  # the same phases in CPU time (shared cores)
         self.history: list[dict] = []
         self._episodes = 1
 
@@ -101,10 +102,13 @@ class OnlineLoop:
 
     @contextmanager
     def timed(self, phase: str):
-        """Accumulate wall time of a phase (generation, scoring, update) for this rollout."""
-        t0 = time.perf_counter()
+        """Accumulate wall and CPU time of a phase (generation, scoring, update) for this rollout.
+        CPU time (this process, all threads) is logged too: on shared cores wall time also counts
+        the time other work held the CPU."""
+        t0, c0 = time.perf_counter(), time.process_time()
         yield
         self.times[phase] += time.perf_counter() - t0
+        self.cpu_times[phase] += time.process_time() - c0
 
     # ---- the minibatch update ----------------------------------------------------------------
     def update(self, batch: RolloutBatch, loss_fn: Callable, reduction: str = "token", k: int = 0,
@@ -197,13 +201,15 @@ class OnlineLoop:
         done = k + 1
         row = {"rollout": done, "optimizer_steps": done * self.steps_per_rollout, **row,
                "lr": self.scheduler.get_last_lr()[0], "skipped_nonfinite": self.engine.skipped_nonfinite,
-               **{f"time/{p}": t for p, t in self.times.items()},
-               "time/step": total, "tokens_per_s": tokens / max(total, 1e-9)}
+               **{f"time/{p}": t for p, t in self.times.items()}, "time/step": total,
+               **{f"cpu/{p}": t for p, t in self.cpu_times.items()}, "cpu/step": sum(self.cpu_times.values()),
+               "tokens_per_s": tokens / max(total, 1e-9)}
         if self.evaluate is not None and self.engine.due_evaluation(done):
             row.update({f"eval/{key}": v for key, v in self.engine.evaluate(self.evaluate).items()})
         self.engine.log(row, done, row["tokens_per_s"])
         self.history.append(row)
         self.times.clear()
+        self.cpu_times.clear()
         return row
 
     def maybe_save(self, k: int) -> None:
