@@ -211,3 +211,34 @@ def test_online_runs_evaluate_on_held_out_prompts(tiny_dir, tmp_path):
     assert ["eval/reward" in r for r in res.history] == [False, True, True]
     assert {"eval/score", "eval/response_length", "eval/unfinished"} <= set(res.history[-1])
     assert (tmp_path / "out" / "metrics.jsonl").read_text().count("eval/reward") == 2
+
+
+def test_a_checkpoint_is_renamed_into_place_only_after_every_process_wrote_its_files(tmp_path, monkeypatch):
+    """Every process writes into the temporary folder (its RNG state; FSDP shards): the main
+    process may rename it only after all are done (a 2-process FSDP run failed with "Parent
+    directory .tmp-step-2 does not exist" on the slower process). Checked by the order of calls."""
+    from types import SimpleNamespace
+
+    from alignkit.train import engine as engine_mod
+
+    events = []
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            events.append("wait")
+
+        def save_state(self, path):
+            events.append("save_state")
+            __import__("os").makedirs(path, exist_ok=True)
+
+    real_replace = engine_mod.os.replace
+    monkeypatch.setattr(engine_mod.os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b)))
+    fake = SimpleNamespace(run=RunConfig(output_dir=str(tmp_path), keep_checkpoints=2), acc=Acc(), total_steps=4,
+                           fingerprint={}, _state={}, skipped_nonfinite=0, _nonfinite_streak=0,
+                           callbacks=SimpleNamespace(checkpoint=lambda *a: None))
+    engine_mod.Engine.save_checkpoint(fake, 2)
+    assert events.index("rename") > events.index("save_state") + 1  # a barrier between them
+    assert "wait" in events[events.index("save_state") : events.index("rename")]
+    assert (tmp_path / "checkpoints" / "step-2").is_dir()

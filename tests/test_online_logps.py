@@ -258,8 +258,11 @@ def test_a_tiny_run_gives_the_same_weights_on_both_paths(method, tiny_dir, tmp_p
     start = load_file(str(tiny_dir / "model.safetensors"))
     moved = max(float((full_weights[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-4  # the runs trained
+    # Float rounding differs between the paths (1e-7 on the log-probs); Adam's g/√v turns it into up
+    # to a step of LR on near-zero gradient entries (seen: 3e-5 on one of 10,240 entries of RLOO's
+    # head), so the bound is a fraction of LR = 1e-3, as in tests/test_distributed.py.
     for name, w in full_weights.items():
-        torch.testing.assert_close(chunked_weights[name], w, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(chunked_weights[name], w, atol=0.05 * 1e-3, rtol=1e-4)
     assert [h["reward"] for h in chunked_run.history] == [h["reward"] for h in full_run.history]  # same samples
 
 

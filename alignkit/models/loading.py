@@ -420,15 +420,41 @@ class Reference:
         return self
 
 
+def _sharded(model) -> bool:
+    """Wrapped by FSDP 2 (its units cannot be deep-copied)."""
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def _merged_in_place(model) -> dict:
+    """The merged weights of a LoRA ``model`` without a copy of it (FSDP cannot deep-copy, and a
+    copy of a model too big for one device is what sharding avoids): the adapter merged into the
+    base weights, their state dict with peft's names mapped back to the base model's, the adapter
+    unmerged again. Called inside :func:`alignkit.train.engine.full_weights` (plain weights)."""
+    model.merge_adapter()
+    try:
+        state, seen = {}, set()
+        for name, tensor in model.get_base_model().state_dict(keep_vars=True).items():
+            if "lora_" in name or id(tensor) in seen:  # a tied weight is written once, as save_pretrained does
+                continue
+            seen.add(id(tensor))
+            state[name.replace(".base_layer.", ".")] = tensor.detach().clone()
+    finally:
+        model.unmerge_adapter()
+    return state
+
+
 def save_model(model, tokenizer, out_dir: str | Path, extra_config: dict | None = None) -> Path:
     """Save a plain HF directory. LoRA models are merged so later stages and ``transformers`` load
     them without peft; the adapter alone is kept in ``out_dir/adapter``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    state_dict = None
     if is_lora(model):
         model.save_pretrained(out / "adapter")
-        merged = copy.deepcopy(model).merge_and_unload()
-        to_save = merged
+        if _sharded(model):
+            to_save, state_dict = model.get_base_model(), _merged_in_place(model)
+        else:
+            to_save = copy.deepcopy(model).merge_and_unload()
     else:
         to_save = model
     if "alignkit" not in (extra_config or {}) and hasattr(to_save.config, "alignkit"):
@@ -437,7 +463,7 @@ def save_model(model, tokenizer, out_dir: str | Path, extra_config: dict | None 
         del to_save.config.alignkit
     for k, v in (extra_config or {}).items():
         setattr(to_save.config, k, v)
-    to_save.save_pretrained(out, safe_serialization=True)
+    to_save.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     note_saved(to_save, tokenizer)  # the API returns the saved model

@@ -35,7 +35,7 @@ import shutil
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,12 +119,98 @@ def launched_on_cpu_only() -> bool:
     return not (is_xpu_available() or is_npu_available())
 
 
+def deepspeed_unavailable() -> str | None:
+    """Why DeepSpeed ZeRO cannot run on this machine, or None when it can."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        return "DeepSpeed is not installed (`pip install deepspeed`, which needs a CUDA toolchain)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible, and DeepSpeed ZeRO trains on GPUs"
+    return None
+
+
+def deepspeed_config_problems(zero: dict[str, Any]) -> list[str]:
+    """What in an accelerate ``deepspeed_config`` section (or the launch's variables, same keys)
+    alignkit cannot run with: it accumulates gradients and clips them itself
+    (``optim.grad_accum``, ``optim.max_grad_norm``), so DeepSpeed's must be 1 and off, or each
+    step would accumulate twice and clip twice."""
+    problems = []
+    accum = zero.get("gradient_accumulation_steps")
+    if accum not in (None, "", "auto") and int(accum) != 1:
+        problems.append(f"gradient_accumulation_steps: {accum} (set 1 and use optim.grad_accum)")
+    clip = zero.get("gradient_clipping")
+    if clip not in (None, "", "none", "auto") and float(clip) != 0.0:
+        problems.append(f"gradient_clipping: {clip} (set 0.0 and use optim.max_grad_norm)")
+    stage = zero.get("zero_stage")
+    if stage not in (None, "") and int(stage) not in (0, 1, 2, 3):
+        problems.append(f"zero_stage: {stage} (0-3)")
+    return problems
+
+
+def check_deepspeed_launch() -> None:
+    """Stop at start-up, with what to do instead, when the launch asked for DeepSpeed
+    (``distributed_type: DEEPSPEED``, passed on as ``ACCELERATE_USE_DEEPSPEED``) and this machine
+    cannot run it, or its settings fight alignkit's own accumulation and clipping."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "?")
+    why = deepspeed_unavailable()
+    if why is not None:
+        raise RuntimeError(
+            f"this run was launched with DeepSpeed ZeRO-{stage} (an accelerate config with distributed_type: DEEPSPEED, "
+            f"e.g. examples/accelerate/deepspeed_zero{stage}.yaml), but {why}. On this machine launch with "
+            "examples/accelerate/fsdp.yaml instead (FSDP 2 shards parameters, gradients and optimizer state like "
+            "ZeRO-3, and runs on the CPU too) or ddp.yaml; see docs/scaling.md")
+    problems = deepspeed_config_problems({
+        "zero_stage": os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"),
+        "gradient_accumulation_steps": os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"),
+        "gradient_clipping": os.environ.get("ACCELERATE_GRADIENT_CLIPPING")})
+    if problems:
+        raise ValueError("the DeepSpeed settings of this launch cannot run with alignkit: " + "; ".join(problems)
+                         + " (in the accelerate config's deepspeed_config section; the shipped files have them right)")
+
+
+def fsdp_requested() -> bool:
+    """True when the launch asked for FSDP (``distributed_type: FSDP`` in the accelerate config, or
+    ``--use_fsdp``: accelerate passes it on as ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fsdp_on_cpu_state() -> None:
+    """Make accelerate run FSDP on a CPU-only multi-process launch.
+
+    accelerate selects FSDP only for GPU-like devices: with ``cpu=True`` (needed to join the
+    processes over gloo) it silently falls back to DDP, so an "FSDP" run on the CPU would hold the
+    whole model in every process. torch's FSDP 2 itself runs on the CPU over gloo (all-gather and
+    reduce-scatter of DTensor shards), so the process group is created for the CPU first and then
+    marked FSDP; :func:`_attach_fsdp_plugin` gives the accelerator the plugin it would have read
+    from the launch's ``FSDP_*`` variables."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    state = PartialState(cpu=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _attach_fsdp_plugin(acc, mixed_precision: str) -> None:
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    if getattr(acc.state, "fsdp_plugin", None) is None:
+        plugin = FullyShardedDataParallelPlugin()
+        if mixed_precision != "no":
+            plugin.set_mixed_precision(mixed_precision)
+        acc.state.fsdp_plugin = plugin
+
+
 def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module | None = None):
     """The accelerate engine for ``run``; ``model`` (the one to be trained) informs the
     mixed-precision choice (:func:`choose_mixed_precision`)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
+    check_deepspeed_launch()
     mp, why = choose_mixed_precision(run.mixed_precision, model)
     trackers = []
     for name in [n.strip() for n in run.report_to.split(",") if n.strip()]:
@@ -141,14 +227,20 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
             trackers.append(name)
         else:
             raise ValueError(f"run.report_to: unknown logger {name!r}; use jsonl, tensorboard, wandb or mlflow")
+    on_cpu = launched_on_cpu_only()
+    if on_cpu and fsdp_requested():
+        _fsdp_on_cpu_state()
     acc = Accelerator(
-        cpu=launched_on_cpu_only(),
+        cpu=on_cpu,
         mixed_precision=mp,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=str(Path(run.output_dir) / "tb")),
     )
+    if on_cpu and fsdp_requested():
+        _attach_fsdp_plugin(acc, mp)
     if acc.is_main_process:
-        print(f"[alignkit] device={acc.device} processes={acc.num_processes} mixed_precision={mp} ({why}); "
+        print(f"[alignkit] device={acc.device} processes={acc.num_processes} "
+              f"engine={str(acc.distributed_type).split('.')[-1]} mixed_precision={mp} ({why}); "
               f"gradient_checkpointing={'on' if run.gradient_checkpointing else 'off'}"
               f"{'' if run.gradient_checkpointing else ' (enable with run.gradient_checkpointing=true to save memory)'}")
     return acc
@@ -194,6 +286,113 @@ def prepare_model(model: torch.nn.Module, run: RunConfig, dropout: bool = True) 
         raise ValueError(f"run.gradient_checkpointing=true, but {type(model).__name__} holds no transformers model "
                          "that supports it; set run.gradient_checkpointing=false")
     return model
+
+
+def unsharded_architectures(folder: Path) -> None:
+    """FSDP 2 renames a sharded class ``FSDP<Class>``, and ``save_pretrained`` writes that name in
+    ``config.json``'s ``architectures``: write the model's own class name there instead, so the
+    folder is the plain HF directory one process writes."""
+    for path in Path(folder).rglob("config.json"):
+        cfg = json.loads(path.read_text())
+        names = cfg.get("architectures") or []
+        fixed = [n[len("FSDP"):] if n.startswith("FSDP") else n for n in names]
+        if fixed != names:
+            cfg["architectures"] = fixed
+            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP 2 units inside ``model`` (outermost first), empty when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP 2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+#: Attribute set on every module of a model while :func:`full_weights` holds its gathered weights.
+GATHERED = "_alignkit_full_weights"
+
+
+@contextmanager
+def full_weights(model: torch.nn.Module):
+    """Under FSDP 2, the whole model's weights gathered on every process for the duration of the
+    block, and sharded again at its end; anywhere else, nothing.
+
+    A sharded model all-gathers each block's weights inside every forward call, a collective every
+    process must join. Generation, rollout scoring, evaluation and saving make a *different* number
+    of forward calls on each process (their shares differ, responses end at different lengths, the
+    main process alone writes the model), which would hang. Inside this block every unit is
+    gathered once (one all-gather per unit, in the same order on every process) and stays gathered
+    across forward calls (its reshard-after-forward is switched off), so forwards make no
+    collectives; the gathered copy is freed as soon as the block ends. Enter it on every process.
+    """
+    units = fsdp_modules(model)
+    if not units:
+        yield model
+        return
+    # The outermost unit must be the root: FSDP 2 makes whichever unit first runs forward the
+    # root, and generation may start at an inner one (a PPO policy inside its actor-critic).
+    units[0]._get_fsdp_state()._lazy_init()
+    # Each unit's reshard-after-forward setting, to put back afterwards (FSDP 2 keeps it as the
+    # mesh its parameter groups reshard to, and an "auto" flag for the root).
+    saved = [(m._get_fsdp_state(), m._get_fsdp_state()._auto_reshard_after_forward,
+              [g.post_forward_mesh_info for g in m._get_fsdp_state()._fsdp_param_groups]) for m in units]
+    groups = [g for state, _, _ in saved for g in state._fsdp_param_groups]
+    for m in units:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    # FSDP's state-dict hooks would reshard the weights at ``state_dict()`` (and a save on the main
+    # process alone would then wait forever for the others to gather them): off inside the block,
+    # so ``state_dict()`` / ``save_pretrained`` see the gathered, plain weights.
+    for g in groups:
+        for handles in (g._module_to_pre_save_state_dict_hook_handle, g._module_to_pre_load_state_dict_hook_handle):
+            for h in handles.values():
+                h.remove()
+            handles.clear()
+    # Marks the modules gathered: a generator then tells ``generate`` that no process needs to
+    # wait for the others (transformers otherwise syncs every token of an FSDP model over all
+    # processes, assuming each forward gathers: with different prompt counts that hangs).
+    for m in model.modules():
+        m.__dict__[GATHERED] = True
+    try:
+        yield model
+    finally:
+        for m in model.modules():
+            m.__dict__.pop(GATHERED, None)
+        for state, auto, meshes in saved:
+            state._auto_reshard_after_forward = auto
+            for g, mesh in zip(state._fsdp_param_groups, meshes):
+                g.post_forward_mesh_info = mesh
+        for g in groups:
+            g._register_state_dict_hooks()
+        for m in units:
+            m.reshard()
+
+
+def _keep_ties_through_sharding(model: torch.nn.Module) -> None:
+    """accelerate's FSDP 2 preparation re-creates the parameters (on the meta device, then loaded)
+    and re-ties shared weights by calling ``model.tie_weights()``, which only a transformers model
+    has. A wrapper (PPO's actor-critic) gets one that re-ties every transformers model inside it;
+    otherwise a tied output head would come out as a separate parameter the optimizer never sees."""
+    from transformers import PreTrainedModel
+
+    if hasattr(model, "tie_weights"):
+        return
+    inner = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    if inner:
+        model.tie_weights = lambda *args, **kwargs: [m.tie_weights() for m in inner]
+
+
+def _check_optimizer_holds_every_trainable_parameter(model: torch.nn.Module, optimizer) -> None:
+    """After preparation (FSDP replaces parameters), every trainable parameter must be one the
+    optimizer steps: one left out would receive gradients and silently never change."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    left = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if left:
+        raise RuntimeError(f"after preparing the model for {type(model).__name__}, {len(left)} trainable parameter(s) are "
+                           f"not in the optimizer ({', '.join(left[:3])}): a weight tie or a parameter was lost in "
+                           "sharding. Report it with the model and the accelerate config")
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig):
@@ -279,7 +478,10 @@ class Engine:
         optimizer = build_optimizer(model, optim)
         # The schedule counts optimizer steps (online: several per rollout).
         scheduler = build_scheduler(optimizer, optim, optimizer_steps or total_steps)
+        if fsdp_requested():
+            _keep_ties_through_sharding(model)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        _check_optimizer_holds_every_trainable_parameter(self.model, self.optimizer)
         # Not prepared: accelerate would step it once per process; total_steps already counts
         # global optimizer steps. Registered so checkpoints still hold its state.
         self.scheduler = scheduler
@@ -403,6 +605,10 @@ class Engine:
             shutil.rmtree(tmp, ignore_errors=True)
         self.acc.wait_for_everyone()
         self.acc.save_state(str(tmp))
+        # Every process writes its own files into tmp (its RNG state; under FSDP with sharded state
+        # dicts its shards): all must have finished before the main process renames tmp, or a
+        # slower one finds its folder gone ("Parent directory .tmp-step-N does not exist").
+        self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": step, "total_steps": self.total_steps, "fingerprint": self.fingerprint,
                      "state": {name: obj.state_dict() for name, obj in self._state.items()},
@@ -474,16 +680,21 @@ class Engine:
         if self.stopped_at is not None:
             record["stopped_at"] = self.stopped_at
         try:
-            check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
-            if self.acc.is_main_process:
-                # Atomic: written aside, then moved into place (train/outputs.py final_save); the
-                # model card is among the files, so a finished folder always explains itself.
-                with final_save(out, record) as tmp:
-                    result = write(tmp)
-                    ctx = current()
-                    write_model_card(tmp, getattr(ctx, "command", "") or self.name, self.config,
-                                     out / "metrics.jsonl", self.stopped_at)
-            self.acc.wait_for_everyone()
+            # FSDP: the full weights on every process while the main one writes them (a plain HF
+            # directory, as from one process); sharded again afterwards.
+            with full_weights(self.unwrapped()):
+                check_finite_weights(self.unwrapped(), f"{self.name}: the trained model")
+                if self.acc.is_main_process:
+                    # Atomic: written aside, then moved into place (train/outputs.py final_save); the
+                    # model card is among the files, so a finished folder always explains itself.
+                    with final_save(out, record) as tmp:
+                        result = write(tmp)
+                        ctx = current()
+                        write_model_card(tmp, getattr(ctx, "command", "") or self.name, self.config,
+                                         out / "metrics.jsonl", self.stopped_at)
+                        if fsdp_modules(self.unwrapped()):
+                            unsharded_architectures(tmp)
+                self.acc.wait_for_everyone()
         finally:
             self._release()
         return result
@@ -564,7 +775,7 @@ class Engine:
         model = self.unwrapped()
         was_training = model.training
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), full_weights(model):  # FSDP: every process may run a different number of forwards
             out = fn(model)
         model.train(was_training)
         return out

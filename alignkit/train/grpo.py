@@ -151,22 +151,23 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     loop.register_state({"kl_controller": kl_ctl})
 
     for k in loop.rollouts():
-        with loop.timed("generation"):
-            rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
-            gens = generator.generate(rollout_prompts, n=G, seed=loop.sampling_seed(k))  # groups are consecutive rows
-            batch = build_rollout_batch(gens, tokenizer.pad_token_id, stop_token_ids(tokenizer)).to(loop.device)
-        with loop.timed("scoring"):
-            sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]
-            raw, scores = score_responses(reward, sample_prompts, gens.texts, batch.finished, cfg.reward.unfinished_penalty)
-            if off_policy or use_ref:
-                batch.logps, _ = rollout_logps(loop.model, batch, temperature, fwd_bs)
-            kl = torch.zeros_like(batch.response_mask)
-            if use_ref:
-                with reference.active() as ref:
-                    batch.ref_logps, _ = rollout_logps(ref, batch, temperature, fwd_bs)
-                kl = kl_estimate(batch.logps, batch.ref_logps, cfg.kl.kl_estimator) * batch.response_mask
-            if not off_policy:
-                batch.logps = None  # the loss uses the current log-probs, detached, as π_old
+        with loop.gathered():  # FSDP: the full policy for sampling and scoring, sharded again before the update
+            with loop.timed("generation"):
+                rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
+                gens = generator.generate(rollout_prompts, n=G, seed=loop.sampling_seed(k))  # groups are consecutive rows
+                batch = build_rollout_batch(gens, tokenizer.pad_token_id, stop_token_ids(tokenizer)).to(loop.device)
+            with loop.timed("scoring"):
+                sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]
+                raw, scores = score_responses(reward, sample_prompts, gens.texts, batch.finished, cfg.reward.unfinished_penalty)
+                if off_policy or use_ref:
+                    batch.logps, _ = rollout_logps(loop.model, batch, temperature, fwd_bs)
+                kl = torch.zeros_like(batch.response_mask)
+                if use_ref:
+                    with reference.active() as ref:
+                        batch.ref_logps, _ = rollout_logps(ref, batch, temperature, fwd_bs)
+                    kl = kl_estimate(batch.logps, batch.ref_logps, cfg.kl.kl_estimator) * batch.response_mask
+                if not off_policy:
+                    batch.logps = None  # the loss uses the current log-probs, detached, as π_old
         beta = kl_ctl.value
         seq_kl = sequence_kl(kl, batch.response_mask)  # (B,) Σ_t KL_t
         batch.scores = scores.to(loop.device) - (beta * seq_kl if in_reward else 0.0)

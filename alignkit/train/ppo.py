@@ -252,22 +252,23 @@ def run_ppo(cfg: PPOConfig, prompts: list[list[dict]] | None = None, reward: Rew
 
     for k in loop.rollouts():
         # 1. sample
-        with loop.timed("generation"):
-            rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
-            gens = generator.generate(rollout_prompts, n=cfg.rollout.samples_per_prompt, seed=loop.sampling_seed(k))
-            batch = build_rollout_batch(gens, tokenizer.pad_token_id, stop_token_ids(tokenizer)).to(loop.device)
-        # 2. score, and the log-probs / values at sampling time
-        with loop.timed("scoring"):
-            sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]
-            raw, scores = score_responses(reward, sample_prompts, gens.texts, batch.finished, cfg.reward.unfinished_penalty)
-            if cost is not None:
-                costs = cost(sample_prompts, gens.texts).float().cpu()
-                scores = lagrangian_scores(scores, costs, lagrange.value)
-            batch.scores = scores.to(loop.device)
-            batch.logps, outs = rollout_logps(loop.model, batch, temperature, fwd_bs, with_values=True)
-            batch.values = torch.cat([response_slice(o.values, batch) for o in outs]) * batch.response_mask
-            with reference.active() as ref:
-                batch.ref_logps, _ = rollout_logps(ref, batch, temperature, fwd_bs)
+        with loop.gathered():  # FSDP: the full policy for sampling and scoring, sharded again before the update
+            with loop.timed("generation"):
+                rollout_prompts = [prompts[i] for i in loop.prompts_for(k)]
+                gens = generator.generate(rollout_prompts, n=cfg.rollout.samples_per_prompt, seed=loop.sampling_seed(k))
+                batch = build_rollout_batch(gens, tokenizer.pad_token_id, stop_token_ids(tokenizer)).to(loop.device)
+            # 2. score, and the log-probs / values at sampling time
+            with loop.timed("scoring"):
+                sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]
+                raw, scores = score_responses(reward, sample_prompts, gens.texts, batch.finished, cfg.reward.unfinished_penalty)
+                if cost is not None:
+                    costs = cost(sample_prompts, gens.texts).float().cpu()
+                    scores = lagrangian_scores(scores, costs, lagrange.value)
+                batch.scores = scores.to(loop.device)
+                batch.logps, outs = rollout_logps(loop.model, batch, temperature, fwd_bs, with_values=True)
+                batch.values = torch.cat([response_slice(o.values, batch) for o in outs]) * batch.response_mask
+                with reference.active() as ref:
+                    batch.ref_logps, _ = rollout_logps(ref, batch, temperature, fwd_bs)
         # 3. per-token rewards with the KL penalty; 4. GAE advantages
         beta = kl_ctl.value
         batch.rewards, kl = kl_penalized_rewards(batch.scores, batch.logps, batch.ref_logps, batch.response_mask,

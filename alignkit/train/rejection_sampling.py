@@ -30,6 +30,7 @@ from alignkit.models.loading import load_causal_lm, save_model
 from alignkit.rollout.generate import Generations, SamplingConfig, make_generator
 from alignkit.rollout.rewards import RewardSource
 from alignkit.train.common import choose_logps_path
+from alignkit.train.engine import full_weights
 from alignkit.train.loop import Trainer
 from alignkit.train.online import OnlineResult, RewardConfig, online_inputs, score_responses
 from alignkit.train.progress import MetricsWriter
@@ -110,7 +111,8 @@ def run_rs(cfg: RSConfig, prompts: list[list[dict]] | None = None, reward: Rewar
         idx = torch.randperm(len(prompts), generator=g)[:count].tolist()
         round_prompts = [prompts[i] for i in idx]
         generator = make_generator(policy, tokenizer, cfg.sampling, cfg.data.max_prompt_length)
-        gens = generator.generate(round_prompts, n=n, seed=cfg.run.seed * 1_000_003 + r)
+        with full_weights(policy):  # FSDP (rounds after the first): gathered for sampling, sharded again after
+            gens = generator.generate(round_prompts, n=n, seed=cfg.run.seed * 1_000_003 + r)
         # 2. score and keep the best of each group
         finished = torch.tensor(gens.finished, dtype=torch.bool)
         sample_prompts = [round_prompts[i] for i in gens.prompt_index]

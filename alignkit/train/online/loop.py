@@ -20,7 +20,7 @@ from torch import Tensor
 from alignkit.config import OptimConfig, RunConfig
 from alignkit.ops import masked_sum
 from alignkit.rollout.batch import RolloutBatch
-from alignkit.train.engine import Engine, make_accelerator
+from alignkit.train.engine import Engine, full_weights, make_accelerator
 from alignkit.train.online.collectives import all_reduce_max, all_reduce_sum, whiten_over_processes
 from alignkit.train.online.config import RolloutConfig
 from alignkit.train.online.prompts import load_prompts, rollout_prompt_indices
@@ -82,6 +82,12 @@ class OnlineLoop:
 
     def unwrapped(self):
         return self.engine.unwrapped()
+
+    def gathered(self):
+        """Under FSDP the policy's full weights for the block (sampling, scoring: every process makes
+        its own number of forward calls), sharded again at its end; elsewhere nothing
+        (:func:`alignkit.train.engine.full_weights`)."""
+        return full_weights(self.engine.unwrapped())
 
     def prompts_for(self, k: int) -> list[int]:
         """This process's prompt indices for rollout ``k``."""
