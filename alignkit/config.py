@@ -408,7 +408,8 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
+def config_yaml(cfg: Any) -> str:
+    """``cfg`` as YAML (tuples written as lists), as saved in alignkit_config.yaml and shown in model cards."""
     def plain(x):
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
@@ -416,7 +417,11 @@ def save_config(cfg: Any, path: str | Path) -> None:
             return [plain(v) for v in x]
         return x
 
-    Path(path).write_text(yaml.safe_dump(plain(config_to_dict(cfg)), sort_keys=False), encoding="utf-8")
+    return yaml.safe_dump(plain(config_to_dict(cfg)), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(config_yaml(cfg), encoding="utf-8")
 
 
 def help_text(cls: type) -> str:

@@ -85,7 +85,7 @@ def model_card(command: str, config: Any, ctx, rows: list[dict], stopped_at: int
     """The text of the card of a run of ``command`` with ``config``; ``ctx`` is the run's
     :class:`~alignkit.context.RunContext` (invocation, data reports; may be None), ``rows`` its
     ``metrics.jsonl`` rows."""
-    from alignkit.config import config_to_dict
+    from alignkit.config import config_yaml
 
     base = _base_model(config, ctx)
     header = {"library_name": "alignkit", "tags": ["alignkit", command]}
@@ -127,18 +127,9 @@ def model_card(command: str, config: Any, ctx, rows: list[dict], stopped_at: int
         lines += ["", "Evaluations:", "", "| step | metric | value |", "|---|---|---|"]
         lines += [f"| {s} | {k} | {_num(v)} |" for s, ev in evals for k, v in ev.items()]
     if config is not None:
-        lines += ["", "## Configuration", "", "```yaml", yaml.safe_dump(_plain(config_to_dict(config)), sort_keys=False).strip(),
-                  "```"]
+        lines += ["", "## Configuration", "", "```yaml", config_yaml(config).strip(), "```"]
     lines.append("")
     return "\n".join(lines)
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def write_model_card(folder: Path, command: str, config: Any, metrics_path: Path, stopped_at: int | None = None) -> Path:
