@@ -233,7 +233,10 @@ def _run(method, tiny_dir, out, option):
     from alignkit.train.ppo import PPOConfig, run_ppo
 
     cls, run = {"ppo": (PPOConfig, run_ppo), "grpo": (GRPOConfig, run_grpo), "rloo": (RLOOConfig, run_grpo)}[method]
-    cfg = cls(model=ModelConfig(path=str(tiny_dir)),
+    # GRPO/RLOO keep one layout (padded) so only the log-prob path differs between the runs; the
+    # prefix-shared layout against the padded one: tests/test_online_shared_prompts.py.
+    layout = {} if method == "ppo" else {"batching": "padded"}
+    cfg = cls(model=ModelConfig(path=str(tiny_dir)), **layout,
               optim=OptimConfig(lr=1e-3, batch_size=4, schedule="constant", warmup_ratio=0.0),
               run=RunConfig(output_dir=str(out), progress=False, report_to="jsonl", logps_path=option),
               sampling=SamplingConfig(max_new_tokens=6, temperature=0.9),

@@ -19,7 +19,7 @@ import torch
 
 from alignkit.data.prefix_sharing import collate_prompt_groups
 from alignkit.models.heads import ScalarHead
-from alignkit.models.scoring import _cost_model, plan_rows, score_sequences
+from alignkit.models.scoring import row_costs, plan_rows, score_sequences
 
 from conftest import write_jsonl
 
@@ -73,7 +73,7 @@ def test_scores_equal_one_plain_forward_per_sequence(family, attention):
     head = ScalarHead(model)
     want = _alone(model, ITEMS)
     # every response of a prompt in its prompt's row (no cost rule), batches of 4 sequences
-    rows = plan_rows(ITEMS, *_cost_model(head))  # the rows score_sequences makes: each prompt's responses in one
+    rows = plan_rows(ITEMS, *row_costs(head))  # the rows score_sequences makes: each prompt's responses in one
     assert sorted(len(r[1]) for r in rows) == [1, 3, 4]
     shared = score_sequences(head, ITEMS, PAD, batch_size=4, share_prompts=True)
     torch.testing.assert_close(shared, want, atol=1e-5, rtol=0)
@@ -244,7 +244,7 @@ def test_score_equals_one_plain_forward_per_row(trained, tmp_path):
                for r in rows]
     items, _ = tokenize_records(records, tok, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     # the rows score_sequences made share the prompts (three prompts, seven rows)
-    assert len(plan_rows(items, *_cost_model(ScalarHead(load_reward_model(ModelConfig(path=str(out))))))) == 3
+    assert len(plan_rows(items, *row_costs(ScalarHead(load_reward_model(ModelConfig(path=str(out))))))) == 3
     torch.testing.assert_close(got, _plain_scores(model, [it["prompt_ids"] + it["response_ids"] for it in items]),
                                atol=1e-5, rtol=0)
 

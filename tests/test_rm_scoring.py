@@ -22,7 +22,7 @@ import torch
 from alignkit.data import RatedExample, tokenize_records
 from alignkit.models.factory import TINY_FAMILY_SHAPES, tiny_family_model
 from alignkit.models.heads import ScalarHead
-from alignkit.models.scoring import _cost_model, plan_rows
+from alignkit.models.scoring import row_costs, plan_rows
 from alignkit.rollout.rewards import RewardModel
 
 DECODERS = ["llama", "gpt2", "opt", "gpt_neox", "phi3"]
@@ -81,7 +81,7 @@ def test_score_equals_one_plain_forward_per_conversation(family, tiny_tokenizer,
 def test_responses_to_one_prompt_share_one_row(tiny_tokenizer):
     """The rows score_sequences makes here: each prompt once, with all its responses."""
     items = _items(tiny_tokenizer)
-    rows = plan_rows(items, *_cost_model(ScalarHead(_head("llama", tiny_tokenizer))))
+    rows = plan_rows(items, *row_costs(ScalarHead(_head("llama", tiny_tokenizer))))
     assert sorted(sorted(idx) for _, idx in rows) == [[0, 2, 4], [1], [3, 5]]
     for prompt, idx in rows:
         assert all(items[i]["prompt_ids"] == prompt for i in idx)

@@ -39,7 +39,7 @@ from alignkit.models.heads import sequence_rewards
 from alignkit.models.masks import batching_refusal
 
 
-def _cost_model(head) -> tuple[float, float]:
+def row_costs(head) -> tuple[float, float]:
     """(FLOPs per token, FLOPs per attended query-key pair) of one forward of ``head``: 2 per
     weight of every matrix a token is multiplied by (``nn.Linear`` and GPT-2's ``Conv1D``; not
     the embedding lookups), and 4·L·d per pair (scores and weighted values, L layers of width d)."""
@@ -111,7 +111,7 @@ def score_sequences(head, items: Sequence[dict], pad_id: int, batch_size: int = 
                      if torch.is_tensor(v)}
             out[idx] = sequence_rewards(head, batch).float().cpu()
         return out
-    rows = plan_rows(items, *_cost_model(head), max_responses=batch_size)
+    rows = plan_rows(items, *row_costs(head), max_responses=batch_size)
     rows.sort(key=lambda r: len(r[0]) + sum(len(items[i]["response_ids"]) for i in r[1]))
     start = 0
     while start < len(rows):

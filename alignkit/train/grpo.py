@@ -32,6 +32,7 @@ from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.data.tokenize import stop_token_ids
 from alignkit.losses import kl_penalty_loss, ppo_policy_loss
 from alignkit.models.loading import Reference, load_causal_lm, save_model
+from alignkit.models.masks import batching_refusal
 from alignkit.ops import kl_estimate, masked_mean
 from alignkit.rollout.batch import build_rollout_batch
 from alignkit.rollout.generate import SamplingConfig, make_generator
@@ -77,6 +78,8 @@ class GRPOConfig:
     """ε of the clipped surrogate (lower bound 1 − ε)."""
     clip_eps_high: float = 0.0
     """Upper clip 1 + ε_high (DAPO's clip-higher); 0 = same as clip_eps."""
+    batching: str = "auto"
+    """Forward passes over a rollout: prefix_shared (a group's prompt computed once, its samples in one row), padded (one row per sample), auto (prefix_shared where the model is served exactly with it, else padded)."""
 
     def validate(self) -> None:
         validate_online(self.optim, self.rollout)
@@ -87,6 +90,8 @@ class GRPOConfig:
             raise ValueError(f"loss_reduction must be one of {', '.join(LOSS_REDUCTIONS)}; got {self.loss_reduction!r}")
         if self.rollout.samples_per_prompt < 2:
             raise ValueError("rollout.samples_per_prompt is the group size and must be >= 2 for a group baseline")
+        if self.batching not in ("auto", "padded", "prefix_shared"):
+            raise ValueError(f"batching must be auto, padded or prefix_shared; got {self.batching!r}")
 
 
 @dataclass
@@ -108,10 +113,21 @@ ADVANTAGES: dict[str, Callable[[Tensor, int, GRPOConfig], Tensor]] = {
 }
 
 
-def grpo_loss(model, mb, cfg: GRPOConfig, loss_kl_coef: float):
+def share_group_prompts(cfg: GRPOConfig, policy) -> bool:
+    """Whether forward passes lay a group out as one row ``x ‖ y_1 ‖ … ‖ y_G`` (``cfg.batching``);
+    a forced ``prefix_shared`` that ``policy`` cannot run exactly is refused, naming what works."""
+    if cfg.batching == "padded":
+        return False
+    reason = batching_refusal("prefix_shared", policy)
+    if cfg.batching == "prefix_shared" and reason is not None:
+        raise ValueError(reason.replace("batching=prefix_shared", "grpo batching=prefix_shared"))
+    return reason is None
+
+
+def grpo_loss(model, mb, cfg: GRPOConfig, loss_kl_coef: float, share_prompts: bool = False):
     """Per-token clipped surrogate with the sequence advantage [+ β·KL_t]."""
     mask = mb.response_mask
-    logps, entropy, _ = policy_forward(model, mb, cfg.sampling.temperature, entropy=True)
+    logps, entropy, _ = policy_forward(model, mb, cfg.sampling.temperature, entropy=True, share_prompts=share_prompts)
     old_logps = mb.logps if mb.logps is not None else logps.detach()  # on-policy: ρ = 1
     pg, metrics = ppo_policy_loss(logps, old_logps, mb.advantages, mask, cfg.clip_eps, cfg.clip_eps_high or None)
     metrics["loss/policy"] = masked_mean(pg.detach(), mask)
@@ -135,6 +151,8 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)  # before the reference copy is made: it keeps the choice
+    share = share_group_prompts(cfg, policy)
+    print(f"[alignkit] batching={'prefix_shared (each group prompt computed once per forward)' if share else 'padded'}")
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
@@ -160,11 +178,11 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
                 sample_prompts = [rollout_prompts[i] for i in gens.prompt_index]
                 raw, scores = score_responses(reward, sample_prompts, gens.texts, batch.finished, cfg.reward.unfinished_penalty)
                 if off_policy or use_ref:
-                    batch.logps, _ = rollout_logps(loop.model, batch, temperature, fwd_bs)
+                    batch.logps, _ = rollout_logps(loop.model, batch, temperature, fwd_bs, share_prompts=share)
                 kl = torch.zeros_like(batch.response_mask)
                 if use_ref:
                     with reference.active() as ref:
-                        batch.ref_logps, _ = rollout_logps(ref, batch, temperature, fwd_bs)
+                        batch.ref_logps, _ = rollout_logps(ref, batch, temperature, fwd_bs, share_prompts=share)
                     kl = kl_estimate(batch.logps, batch.ref_logps, cfg.kl.kl_estimator) * batch.response_mask
                 if not off_policy:
                     batch.logps = None  # the loss uses the current log-probs, detached, as π_old
@@ -173,8 +191,9 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
         batch.scores = scores.to(loop.device) - (beta * seq_kl if in_reward else 0.0)
         batch.advantages = ADVANTAGES[cfg.advantage](batch.scores, G, cfg)  # (B,)
         with loop.timed("update"):
-            loss_fn = lambda m, mb: grpo_loss(m, mb, cfg, 0.0 if in_reward else beta)  # noqa: E731
-            stats = loop.update(batch, loss_fn, cfg.loss_reduction, k)
+            loss_fn = lambda m, mb: grpo_loss(m, mb, cfg, 0.0 if in_reward else beta, share)  # noqa: E731
+            # Shared rows need a group's samples in one forward: minibatches then take whole groups.
+            stats = loop.update(batch, loss_fn, cfg.loss_reduction, k, group_size=G if share else 1)
         kl_ctl.update(float(seq_kl.mean()), len(batch))
         row = {
             "reward": float(raw.mean()), "score": float(batch.scores.mean()),

@@ -5,6 +5,12 @@ The log-probs (and the entropy, where logged) are read at the response positions
 in chunks (no ``(B, P+T, V)`` logits), or from the model's logits where the head cannot be split
 off or ``run.logps_path=full`` (:mod:`alignkit.models.output_head` says which and why). Both
 give the same numbers and gradients up to float rounding (tests/test_online_logps.py).
+
+GRPO and RLOO sample a group of G responses per prompt, so a forward batch holds the same prompt
+G times. With ``share_prompts`` the batch is laid out as one row ``x ‖ y_1 ‖ … ‖ y_k`` per prompt
+(:func:`shared_prompt_inputs`): the prompt is computed once, each response sees the prompt and
+itself at the positions of its own sequence, so its log-probs are those of the padded layout up to
+float rounding (tests/test_online_shared_prompts.py), on G − 1 fewer copies of the prompt.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from alignkit.data.prefix_sharing import collate_prompt_groups
 from alignkit.models.heads import position_logps
+from alignkit.models.scoring import plan_rows, row_costs
 from alignkit.ops import masked_sum
 from alignkit.rollout.batch import RolloutBatch
 
@@ -39,16 +47,75 @@ class PolicyForward(NamedTuple):
     """The model's own output (PPO's ``values`` ride on it; its ``logits`` are ``(B, 0, V)`` on the chunked path)."""
 
 
-def policy_forward(model, batch: RolloutBatch, temperature: float, entropy: bool = False, **kwargs) -> PolicyForward:
+class SharedPromptInputs(NamedTuple):
+    """What :func:`shared_prompt_inputs` returns."""
+
+    inputs: dict
+    """Model inputs of the shared layout: ``input_ids``, ``position_ids`` (R, L) and the bool ``attention_mask`` (R, 1, L, L)."""
+    index: Tensor
+    """(N,) flat index into the (R·L) positions of the position predicting each response token."""
+    rows: Tensor
+    """(N,) the episode (row of the rollout batch) of each response token."""
+    cols: Tensor
+    """(N,) its step t in that episode."""
+
+
+def shared_prompt_inputs(model, batch: RolloutBatch) -> SharedPromptInputs:
+    """The episodes of ``batch`` with one row per distinct prompt, ``x ‖ y_1 ‖ … ‖ y_k``, for
+    log π(a_t|s_t) of every counted response token (layout: :func:`collate_prompt_groups`).
+
+    Token t of response y_j is predicted by the position before it in its branch, and the first
+    one (t = 0) by the prompt's last token, exactly as P−1+t predicts a_t in the padded layout.
+    Responses join their prompt's row only while :func:`~alignkit.models.scoring.plan_rows`
+    estimates that cheaper than a row of their own (a row's attention grows with its square), so
+    long responses to a short prompt may keep separate rows."""
+    P = batch.prompt_width
+    lengths = batch.response_mask.sum(dim=1).long().tolist()  # the mask is a prefix of each row
+    prompt_mask = batch.attention_mask[:, :P].bool()
+    items = [{"prompt_ids": batch.input_ids[i, :P][prompt_mask[i]].tolist(),
+              "response_ids": batch.response_ids[i, : lengths[i]].tolist()} for i in range(len(batch))]
+    plan = plan_rows(items, *row_costs(model))
+    layout = collate_prompt_groups([(prompt, [items[i]["response_ids"] for i in idx]) for prompt, idx in plan], 0)
+    L = layout["input_ids"].shape[1]
+    index, rows, cols = [], [], []
+    for r, (prompt, idx) in enumerate(plan):
+        start = r * L + len(prompt)  # flat index of the row's first response token
+        for i in idx:
+            n = lengths[i]
+            if n:
+                predictors = torch.arange(start - 1, start + n - 1)
+                predictors[0] = r * L + len(prompt) - 1  # every response's first token: the prompt's last
+                index.append(predictors)
+                rows.append(torch.full((n,), i))
+                cols.append(torch.arange(n))
+            start += n
+    device = batch.input_ids.device
+    inputs = {k: layout[k].to(device) for k in ("input_ids", "position_ids", "attention_mask")}
+    empty = torch.zeros(0, dtype=torch.long)
+    index, rows, cols = (torch.cat(x) if x else empty for x in (index, rows, cols))
+    return SharedPromptInputs(inputs, index.to(device), rows.to(device), cols.to(device))
+
+
+def policy_forward(model, batch: RolloutBatch, temperature: float, entropy: bool = False,
+                   share_prompts: bool = False, **kwargs) -> PolicyForward:
     """One forward of ``model`` over [x | y]: log π(a_t|s_t) of the sampled tokens under the
     distribution they were drawn from (the logits divided by the sampling ``temperature``; 0,
     greedy, reads the undivided distribution), and its entropy if ``entropy`` (detached: the online
-    losses only log it, so the full path keeps no ``(N, V)`` softmax for a backward pass)."""
-    B, L = batch.input_ids.shape
-    rows, cols = batch.response_mask.bool().nonzero(as_tuple=True)  # (N,) each: the response tokens that count
-    index = rows * L + batch.prompt_width - 1 + cols  # (N,) flat into the (B·L) positions; P−1+t predicts a_t
+    losses only log it, so the full path keeps no ``(N, V)`` softmax for a backward pass).
+
+    ``share_prompts``: episodes with the same prompt share one row (:func:`shared_prompt_inputs`;
+    the caller checks that ``model`` is served exactly with that layout,
+    :func:`alignkit.models.masks.batching_refusal`). The model's own output then has the shared
+    layout's rows, not the batch's."""
+    if share_prompts:
+        inputs, index, rows, cols = shared_prompt_inputs(model, batch)
+    else:
+        B, L = batch.input_ids.shape
+        rows, cols = batch.response_mask.bool().nonzero(as_tuple=True)  # (N,) each: the response tokens that count
+        index = rows * L + batch.prompt_width - 1 + cols  # (N,) flat into the (B·L) positions; P−1+t predicts a_t
+        inputs = batch.model_inputs()
     tau = temperature if temperature > 0 else 1.0
-    out = position_logps(model, batch.model_inputs(), index, batch.response_ids[rows, cols], temperature=tau,
+    out = position_logps(model, inputs, index, batch.response_ids[rows, cols], temperature=tau,
                          entropy=entropy, entropy_grad=False, **kwargs)
     shape = batch.response_ids.shape  # (B, T)
     logps = out.logps.new_zeros(shape).index_put((rows, cols), out.logps)  # (B, T)

@@ -112,8 +112,12 @@ class OnlineLoop:
 
     # ---- the minibatch update ----------------------------------------------------------------
     def update(self, batch: RolloutBatch, loss_fn: Callable, reduction: str = "token", k: int = 0,
-               extra_loss: Callable | None = None) -> dict[str, float]:
+               extra_loss: Callable | None = None, group_size: int = 1) -> dict[str, float]:
         """``ppo_epochs`` passes over ``batch`` in shuffled minibatches, one optimizer step each.
+
+        ``group_size`` G > 1: rows come in groups of G consecutive rows (a prompt's samples) and
+        the shuffle moves whole groups, so a group stays in one minibatch (and in one forward
+        pass where ``optim.batch_size`` is a multiple of G) for layouts that share its prompt.
 
         ``loss_fn(model, minibatch) -> (losses (b, T), metrics)`` gives per-token losses; they are
         weighted with :data:`LOSS_REDUCTIONS` ``[reduction]`` and divided by the units of the whole
@@ -140,7 +144,11 @@ class OnlineLoop:
         self._episodes = len(batch)  # this process's share, the weight of its figures in log()
         self.model.train()
         for _ in range(self.rollout.ppo_epochs):
-            perm = torch.randperm(len(batch), generator=gen)
+            if group_size > 1 and len(batch) % group_size == 0:
+                groups = torch.randperm(len(batch) // group_size, generator=gen)
+                perm = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+            else:
+                perm = torch.randperm(len(batch), generator=gen)
             for start in range(0, largest, self.minibatch):
                 idx = perm[start : start + self.minibatch]
                 # Micro-batches of the largest share at this position: a process with fewer
