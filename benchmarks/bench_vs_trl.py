@@ -387,7 +387,7 @@ def grpo_alignkit(tokenizer, args) -> dict:
         reward=RewardConfig(unfinished_penalty=0.0),
         rollout=RolloutConfig(prompts_per_rollout=args.grpo_prompts, samples_per_prompt=args.grpo_samples,
                               num_rollouts=1, ppo_epochs=1),
-        kl=KLConfig(kl_coef=0.0))
+        kl=KLConfig(kl_coef=0.0), batching=args.grpo_batching)
     cfg.data.max_prompt_length = args.max_prompt_length
     count = CountingReward(tokenizer)
     clock = Clock()
@@ -581,6 +581,8 @@ def main() -> None:
     p.add_argument("--grpo-prompts", type=int, default=4, help="GRPO: prompts in the one rollout")
     p.add_argument("--grpo-samples", type=int, default=4, help="GRPO: samples per prompt (group size)")
     p.add_argument("--grpo-new-tokens", type=int, default=48, help="GRPO: longest sampled response")
+    p.add_argument("--grpo-batching", default="auto", choices=["auto", "padded", "prefix_shared"],
+                   help="alignkit GRPO forward passes: a group's prompt computed once (auto, prefix_shared) or not")
     p.add_argument("--pairs", type=int, default=256, help="training pairs (one epoch)")
     p.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs for the final loss")
     p.add_argument("--batch-size", type=int, default=8, help="pairs (SFT: examples) per optimizer step")
@@ -638,7 +640,7 @@ def main() -> None:
                  "--model-dir", str(model_dir), "--peak", str(peak), "--seed", str(args.seed), "--sft-batching", args.sft_batching,
                  "--rm-batching", args.rm_batching, "--dpo-batching", args.dpo_batching,
                  "--grpo-prompts", str(args.grpo_prompts), "--grpo-samples", str(args.grpo_samples),
-                 "--grpo-new-tokens", str(args.grpo_new_tokens)]
+                 "--grpo-new-tokens", str(args.grpo_new_tokens), "--grpo-batching", args.grpo_batching]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "ALIGNKIT_PEAK_FLOPS": str(peak)}
     runs: list[dict] = []
