@@ -72,7 +72,7 @@ def test_the_library_never_imports_the_demo_and_the_demo_has_no_import_circle():
     assert {"alignkit.demo.run", "alignkit.demo.critic", "alignkit.demo.iterate"} <= set(graph)
 
 
-def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path):
+def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path, capfd):
     """Tiny demos (every shared stage, best-of-N, DPO and GRPO at a scale of seconds): `--seeds 3,4`
     and then `--seed 3` alone. The two seed-3 reports are identical apart from the timings (the
     same seed, software and machine give the same report), each says what it ran on, and the
@@ -80,7 +80,13 @@ def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path):
     from alignkit.demo.run import without_timings
 
     assert main(["demo", "--seeds", "3,4", "--out", str(tmp_path / "multi"), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+    capfd.readouterr()
     assert main(["demo", "--seed", "3", "--out", str(tmp_path / "single"), "tiny=true", "methods=best_of_n,dpo,grpo"]) == 0
+    printed = "".join(capfd.readouterr())
+    assert "[demo] stage" in printed and "Loading weights" not in printed and "Writing model shards" not in printed
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()  # restored for the rest of the process
     a = json.loads((tmp_path / "multi" / "seed-3" / "report.json").read_text())
     b = json.loads((tmp_path / "single" / "report.json").read_text())
     c = json.loads((tmp_path / "multi" / "seed-4" / "report.json").read_text())

@@ -81,6 +81,20 @@ def run_seeds(cfg: DemoConfig) -> dict:
 
 def run_once(cfg: DemoConfig) -> dict:
     """One run of the demo with ``cfg.seed``."""
+    # The demo loads and saves some 50 tiny models: transformers' per-file progress bars would bury
+    # the stage lines and ETAs (real-model commands keep them: there a load takes a while).
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _run_once(cfg)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _run_once(cfg: DemoConfig) -> dict:
     from alignkit.eval.environment import run_environment
     from alignkit.train.common import seed_everything
     from alignkit.world import World
