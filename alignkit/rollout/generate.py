@@ -257,7 +257,10 @@ class HFGenerator(Generator):
         prompts = {i: ids for i, ids in chunk}
         width = max(len(ids) for ids in prompts.values())
         # transformers ≥ 5.2x calls the KV cache argument `cache` (`past_key_values` before, deprecated after)
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # (asked of the transformers model itself: a peft wrapper's forward takes **kwargs and passes them on)
+        from alignkit.models.masks import unwrap
+
+        cache_arg = "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
         attention = torch.zeros((len(uniq), width), dtype=torch.long)
         for i, u in uniq.items():  # left padding: the new tokens line up on the right
             attention[u, width - len(prompts[i]) :] = 1
