@@ -166,6 +166,8 @@ class RunConfig:
     """Show a progress bar with loss, tokens/s and ETA."""
     padding_free: bool = False
     """Pack several examples per row with block-diagonal attention instead of padding (SFT, RM)."""
+    release_memory: bool = True
+    """Return freed CPU memory to the OS (glibc: blocks of 1 MiB or more get their own pages), so the resident memory tracks what is alive; false keeps the allocator's defaults (alignkit/train/memory.py)."""
     logps_path: str = "auto"
     """Log-probs of sft, dpo, kto, critic, rs, ppo, grpo, rloo (at the sampling temperature): 'chunked' (through the output head in chunks, no (B, T, V) logits), 'full' (from the logits), 'auto' (chunked where the head can be split off)."""
 

@@ -44,6 +44,7 @@ import torch
 
 from alignkit.config import OptimConfig, RunConfig
 from alignkit.numerics import FIXES, NonFiniteError
+from alignkit.train.memory import release_freed_memory
 from alignkit.train.outputs import CHECKPOINT_DIR, STATE_FILE, checkpoint_step, resumable_checkpoints
 
 log = logging.getLogger(__name__)
@@ -211,6 +212,7 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
     from accelerate.utils import ProjectConfiguration
 
     check_deepspeed_launch()
+    memory = release_freed_memory() if run.release_memory else "allocator defaults (run.release_memory=false)"
     mp, why = choose_mixed_precision(run.mixed_precision, model)
     trackers = []
     for name in [n.strip() for n in run.report_to.split(",") if n.strip()]:
@@ -242,7 +244,8 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
         print(f"[alignkit] device={acc.device} processes={acc.num_processes} "
               f"engine={str(acc.distributed_type).split('.')[-1]} mixed_precision={mp} ({why}); "
               f"gradient_checkpointing={'on' if run.gradient_checkpointing else 'off'}"
-              f"{'' if run.gradient_checkpointing else ' (enable with run.gradient_checkpointing=true to save memory)'}")
+              f"{'' if run.gradient_checkpointing else ' (enable with run.gradient_checkpointing=true to save memory)'}; "
+              f"memory: {memory}")
     return acc
 
 
