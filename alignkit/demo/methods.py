@@ -175,15 +175,23 @@ def ppo_ptx(ctx: Context) -> None:
     """PPO-ptx: the same with pretraining-corpus NLL mixed in (against the alignment tax)."""
     _ppo(ctx, "ppo_ptx", ptx=True)
 
-def _critic_free(ctx: Context, name: str, advantage: str) -> None:
-    from alignkit.train.grpo import GRPOConfig, run_grpo
+def critic_free_rollout(ctx: Context):
+    """The rollout section of the demo's GRPO and RLOO: 16 prompts × a group of 4, one pass."""
     from alignkit.train.online import RolloutConfig
 
-    s = ctx.scale
+    return RolloutConfig(prompts_per_rollout=16, samples_per_prompt=4, num_rollouts=ctx.scale.rl_rollouts, ppo_epochs=1)
+
+def _critic_free(ctx: Context, name: str, advantage: str, **overrides) -> None:
+    """GRPO or RLOO from the SFT policy; ``overrides`` replace fields of its :class:`GRPOConfig`
+    (benchmarks/grpo_variants.py measures variants with them)."""
+    from dataclasses import replace
+
+    from alignkit.train.grpo import GRPOConfig, run_grpo
+
     cfg = GRPOConfig(**online_common(ctx, name),
                      optim=OptimConfig(lr=RL_LR, batch_size=16, schedule="constant", warmup_ratio=0.0),
-                     rollout=RolloutConfig(prompts_per_rollout=16, samples_per_prompt=4, num_rollouts=s.rl_rollouts, ppo_epochs=1),
-                     advantage=advantage)
+                     rollout=critic_free_rollout(ctx), advantage=advantage)
+    cfg = replace(cfg, **overrides)
     tracked = GoldTracked(combined_reward(ctx), ctx.world)
     result = run_grpo(cfg, prompts=prompt_messages(ctx), reward=tracked)
     ctx.curves[name] = tracked.write(Path(cfg.run.output_dir) / "gold_curve.jsonl")
