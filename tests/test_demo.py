@@ -294,3 +294,28 @@ def test_stage_runner_eta_scales_the_remaining_stages_by_the_pace_so_far(monkeyp
     stages.run("a", lambda: None)
     assert stages.timings["a"] == 20.0 and stages.eta() == pytest.approx(100.0)
     assert context.Stages(["a", "x"], {"a": 10}).eta() is None
+
+
+def test_helpful_and_harmless_claims_read_refusals_and_the_borderline_gold_reward():
+    """A method that refuses more on borderline prompts fails the refusal claim; whether it also
+    lost the user anything is the borderline gold reward's claim, decided by its own interval."""
+    from alignkit.demo.report import claims
+
+    def d(mean, low, high):
+        return {"mean": mean, "low": low, "high": high}
+
+    def report(borderline):
+        sft = {"safety_violation_rate": 0.2, "false_refusal_rate": 0.4, "borderline_gold_reward": -0.7, "gold_reward": 0.0,
+               "ci": {"safety_violation_rate": [0.15, 0.25], "false_refusal_rate": [0.35, 0.45],
+                      "borderline_gold_reward": [-0.8, -0.6]}}
+        grpo = {"vs_sft": {"safety_violation_rate": d(-0.1, -0.15, -0.05), "false_refusal_rate": d(0.2, 0.1, 0.3),
+                           "borderline_gold_reward": borderline, "gold_reward": d(0.2, 0.1, 0.3)}}
+        return {"policies": {"sft": sft, "grpo": grpo}, "comparisons": {}}
+
+    by_id = {c["id"]: c for c in claims(report(d(0.0, -0.05, 0.05)))}
+    assert by_id["helpful_and_harmless"]["holds"] is False
+    assert "MORE false refusals" in by_id["helpful_and_harmless"]["text"]
+    assert "borderline gold reward +0.000 [-0.050, +0.050]" in by_id["helpful_and_harmless"]["text"]
+    assert by_id["borderline_helpfulness_kept"]["holds"] is True
+    lost = {c["id"]: c for c in claims(report(d(-0.2, -0.3, -0.1)))}["borderline_helpfulness_kept"]
+    assert lost["holds"] is False and "grpo" in lost["text"]

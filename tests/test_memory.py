@@ -41,14 +41,20 @@ print(json.dumps({"freed_mb": 256, "returned_mb": (before - after) / 2**20}))
 """
 
 
+#: Environment variables through which a user picks the allocator's settings (left alone by alignkit).
+USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
 def _returned_mb(mode: str) -> float:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env = {k: v for k, v in os.environ.items() if k not in USER_SETTINGS}
+    env["PYTHONPATH"] = str(REPO)
     out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout)["returned_mb"]
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+@pytest.mark.skipif("malloc" in os.environ.get("GLIBC_TUNABLES", "") + os.environ.get("LD_PRELOAD", ""),
+                    reason="the machine sets its own allocator: glibc's defaults are not what runs")
 def test_freed_blocks_leave_the_rss_only_with_release_memory():
     kept = _returned_mb("defaults")
     returned = _returned_mb("release")
@@ -71,6 +77,40 @@ def test_the_option_is_reported_at_start_up_and_can_be_turned_off(tiny_dir, tmp_
                                         release_memory=release)))
         return capsys.readouterr().out
 
-    assert "memory: allocator defaults (run.release_memory=false)" in run(False, "off")
-    on = run(True, "on")
-    assert "memory: " in on and "run.release_memory=false" not in on
+    from alignkit.train import memory
+
+    monkeypatch_state = memory._applied
+    memory._applied = None  # as in a fresh process
+    try:
+        assert "memory: allocator defaults (run.release_memory=false)" in run(False, "off")
+        on = run(True, "on")
+        assert "memory: " in on and "run.release_memory=false" not in on
+        if memory._applied.startswith("freed blocks"):  # applied: a later run cannot undo it, and says so
+            assert "cannot undo it" in run(False, "off-again")
+    finally:
+        memory._applied = monkeypatch_state
+
+
+@pytest.mark.parametrize("name,value", [("MALLOC_MMAP_THRESHOLD_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0"),
+                                        ("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")])
+def test_the_users_own_allocator_settings_are_left_alone(name, value, monkeypatch):
+    from alignkit.train import memory
+
+    for other in USER_SETTINGS:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setenv(name, value)
+    monkeypatch.setattr(memory, "_applied", None)
+    called = []
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda *a: called.append(a))
+    assert memory.release_freed_memory() == f"allocator as set by {name}={value}"
+    assert not called  # mallopt never reached
+
+
+def test_other_platforms_keep_their_defaults(monkeypatch):
+    from alignkit.train import memory
+
+    for other in USER_SETTINGS:
+        monkeypatch.delenv(other, raising=False)
+    monkeypatch.setattr(memory, "_applied", None)
+    monkeypatch.setattr(memory.platform, "system", lambda: "Darwin")
+    assert memory.release_freed_memory() == "allocator defaults (not glibc)"

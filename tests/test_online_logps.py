@@ -224,6 +224,22 @@ def _digits(prompt, response: str) -> float:
     return sum(c.isdigit() for c in response) / max(1, len(response))
 
 
+def assert_same_training(a: dict, b: dict, start: dict) -> None:
+    """Two runs that differ only in float rounding trained alike.
+
+    The log-probs differ by ~1e-7 between the paths. The weights cannot be compared entry by
+    entry: Adam's g/√v turns rounding into up to a whole step of LR on entries whose gradient is
+    near zero (its first step is the sign of the gradient), and where a minibatch holds
+    whole GRPO groups, whose advantages sum to zero, many entries nearly cancel (seen: 15% of a
+    32-entry norm weight's update after 8 steps, with losses equal to 3e-8). So the weights are
+    compared as one update: the runs' changes must agree to 10% in norm over all weights (a path
+    that misplaced log-probs moves them elsewhere altogether, ~100%); the float64 unit tests above
+    hold the paths to 1e-10."""
+    delta_a = torch.cat([(a[k] - start[k]).flatten() for k in sorted(b)])
+    delta_b = torch.cat([(b[k] - start[k]).flatten() for k in sorted(b)])
+    assert float((delta_a - delta_b).norm()) <= 0.1 * float(delta_b.norm()), float((delta_a - delta_b).norm() / delta_b.norm())
+
+
 def _run(method, tiny_dir, out, option):
     from alignkit.config import ModelConfig, OptimConfig, RunConfig
     from alignkit.rollout.generate import SamplingConfig
@@ -261,11 +277,7 @@ def test_a_tiny_run_gives_the_same_weights_on_both_paths(method, tiny_dir, tmp_p
     start = load_file(str(tiny_dir / "model.safetensors"))
     moved = max(float((full_weights[k] - start[k]).abs().max()) for k in start)
     assert moved > 1e-4  # the runs trained
-    # Float rounding differs between the paths (1e-7 on the log-probs); Adam's g/√v turns it into up
-    # to a step of LR on near-zero gradient entries (seen: 3e-5 on one of 10,240 entries of RLOO's
-    # head), so the bound is a fraction of LR = 1e-3, as in tests/test_distributed.py.
-    for name, w in full_weights.items():
-        torch.testing.assert_close(chunked_weights[name], w, atol=0.05 * 1e-3, rtol=1e-4)
+    assert_same_training(chunked_weights, full_weights, start)
     assert [h["reward"] for h in chunked_run.history] == [h["reward"] for h in full_run.history]  # same samples
 
 

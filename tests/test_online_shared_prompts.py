@@ -19,6 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_conformance import CONFIGS, DECODERS, NO_SDPA, V, _get, _grads, _tokens
+from test_online_logps import assert_same_training
 
 from alignkit.rollout.batch import build_rollout_batch
 from alignkit.rollout.generate import Generations
@@ -149,6 +150,17 @@ def test_grpo_and_rloo_losses_equal_on_both_layouts(method):
     torch.testing.assert_close(g1, g0, atol=1e-7, rtol=0)
 
 
+def test_a_mask_that_is_not_a_prefix_and_extra_forward_arguments_are_refused():
+    model = _get("llama", "lm", "sdpa")
+    batch, _, _ = _rollout()
+    batch.response_mask[0, 1] = 0  # a hole inside a response: the shared layout would misplace log-probs
+    with pytest.raises(ValueError, match="prefix of its row .* use batching=padded"):
+        policy_forward(model, batch, TAU, share_prompts=True)
+    batch, _, _ = _rollout()
+    with pytest.raises(ValueError, match="does not take other forward arguments \\(output_hidden_states\\)"):
+        policy_forward(model, batch, TAU, share_prompts=True, output_hidden_states=True)
+
+
 # ---- the option, and tiny runs -----------------------------------------------------------------
 
 PROMPTS = [[{"role": "user", "content": f"Tell me about item {i}."}] for i in range(8)]
@@ -165,10 +177,10 @@ def _run(tiny_dir, out, batching):
     from alignkit.train.grpo import GRPOConfig, run_grpo
     from alignkit.train.online import RewardConfig, RolloutConfig
 
-    # One minibatch per pass (8 episodes, batch_size 8): the shuffles then differ only in the
-    # order of rows within it, so the two layouts must train to the same weights.
+    # Four minibatches per pass (8 episodes, batch_size 2 = one group): both layouts shuffle whole
+    # groups, so they make the same optimizer steps and must train to the same weights.
     cfg = GRPOConfig(model=ModelConfig(path=str(tiny_dir)), batching=batching,
-                     optim=OptimConfig(lr=1e-3, batch_size=8, schedule="constant", warmup_ratio=0.0),
+                     optim=OptimConfig(lr=1e-3, batch_size=2, schedule="constant", warmup_ratio=0.0),
                      run=RunConfig(output_dir=str(out), progress=False, report_to="jsonl"),
                      sampling=SamplingConfig(max_new_tokens=6, temperature=0.9),
                      reward=RewardConfig(unfinished_penalty=0.0),
@@ -179,17 +191,27 @@ def _run(tiny_dir, out, batching):
     return result, load_file(str(result.output_dir / "model.safetensors"))
 
 
-def test_a_tiny_grpo_run_gives_the_same_weights_on_both_layouts(tiny_dir, tmp_path, capsys):
+def test_a_tiny_grpo_run_gives_the_same_weights_on_both_layouts(tiny_dir, tmp_path, capsys, monkeypatch):
     from safetensors.torch import load_file
 
+    import alignkit.train.grpo as grpo_module
+
+    seen = []
+    original = grpo_module.grpo_loss
+
+    def recording(model, mb, *args):
+        seen.append(mb.prompt_index.tolist())
+        return original(model, mb, *args)
+
+    monkeypatch.setattr(grpo_module, "grpo_loss", recording)
     shared_run, shared = _run(tiny_dir, tmp_path / "shared", "prefix_shared")
+    assert len(seen) == 2 * 2 * 4 and all(len(set(p)) == 1 and len(p) == 2 for p in seen)  # whole groups per step
     assert "batching=prefix_shared" in capsys.readouterr().out  # announced at start-up
     padded_run, padded = _run(tiny_dir, tmp_path / "padded", "padded")
     assert "batching=padded" in capsys.readouterr().out
     start = load_file(str(tiny_dir / "model.safetensors"))
     assert max(float((padded[k] - start[k]).abs().max()) for k in start) > 1e-4  # the runs trained
-    for name, w in padded.items():  # float rounding through Adam: a fraction of LR (tests/test_online_logps.py)
-        torch.testing.assert_close(shared[name], w, atol=0.05 * 1e-3, rtol=1e-4)
+    assert_same_training(shared, padded, start)  # float rounding through Adam (its docstring)
     assert [h["reward"] for h in shared_run.history] == [h["reward"] for h in padded_run.history]  # same samples
 
 

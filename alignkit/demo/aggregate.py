@@ -19,7 +19,7 @@ from alignkit.eval.uncertainty import seed_interval
 
 #: Figures aggregated per policy (those of the policy table).
 FIGURES = ("gold_reward", "accuracy", "safety_violation_rate", "hallucination_rate", "false_refusal_rate",
-           "kl_to_sft", "win_rate_vs_sft", "pretrain_loss")
+           "borderline_gold_reward", "kl_to_sft", "win_rate_vs_sft", "pretrain_loss")
 PCT = {"accuracy", "safety_violation_rate", "hallucination_rate", "false_refusal_rate", "win_rate_vs_sft"}
 
 
@@ -51,7 +51,8 @@ def aggregate(reports: list[dict]) -> dict:
     policies = {n: {f: _stat([r["policies"][n].get(f) for r in reports]) for f in FIGURES} for n in names}
     for n in names:
         policies[n]["vs_sft"] = {m: _stat([(r["policies"][n].get("vs_sft", {}).get(m) or {}).get("mean") for r in reports])
-                                 for m in ("gold_reward", "safety_violation_rate", "hallucination_rate", "false_refusal_rate")}
+                                 for m in ("gold_reward", "safety_violation_rate", "hallucination_rate", "false_refusal_rate",
+                                           "borderline_gold_reward")}
     rms = {n: {"accuracy": _stat([r["reward_models"][n]["accuracy"] for r in reports])}
            for n in reports[0]["reward_models"] if all(n in r["reward_models"] for r in reports)}
     claims = []
@@ -86,7 +87,8 @@ def _cell(s: dict | None, pct: bool, digits: int = 3, diff: bool = False) -> str
 def markdown(agg: dict, title: str) -> str:
     seeds = agg["seeds"]
     heads = {"gold_reward": "gold reward", "accuracy": "accuracy", "safety_violation_rate": "safety violations",
-             "hallucination_rate": "hallucinations", "false_refusal_rate": "false refusals", "kl_to_sft": "KL to SFT",
+             "hallucination_rate": "hallucinations", "false_refusal_rate": "false refusals",
+             "borderline_gold_reward": "gold reward, borderline", "kl_to_sft": "KL to SFT",
              "win_rate_vs_sft": "win rate vs SFT", "pretrain_loss": "pretraining loss"}
     lines = [f"# {title}", "",
              f"Seeds {', '.join(map(str, seeds))}, one whole run each (`seed-N/report.md` has each run's own tables with "

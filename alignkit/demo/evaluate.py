@@ -22,10 +22,12 @@ JUDGE_METRICS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
     "safety_violation_rate": (("harmful",), lambda j: float(j.safety_violation)),
     "hallucination_rate": (("unknown",), lambda j: float(j.hallucination)),
     "false_refusal_rate": (("borderline",), lambda j: float(j.false_refusal)),
+    # What a refusal there costs the user: a refusal may replace a good answer or only junk.
+    "borderline_gold_reward": (("borderline",), lambda j: j.reward),
 }
 #: Figures compared with SFT's on the same prompts (paired intervals in ``vs_sft``).
 VS_SFT = ("gold_reward", "helpfulness", "accuracy", "safety_violation_rate", "hallucination_rate",
-          "false_refusal_rate")
+          "false_refusal_rate", "borderline_gold_reward")
 POLICY_KEYS = ("gold_reward", "helpfulness", "safety_violation_rate", "hallucination_rate", "false_refusal_rate",
                "kl_to_sft", "win_rate_vs_sft", "n_prompts")
 

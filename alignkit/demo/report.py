@@ -23,6 +23,9 @@ POLICY_COLUMNS = [
     Column("false_refusal_rate", "false refusals",
            "fraction of responses to benign requests that look harmful (\"kill a stuck process\") that refuse; lower is better.",
            pct=True),
+    Column("borderline_gold_reward", "gold reward, borderline",
+           "mean gold reward of the responses to those benign-but-harmful-looking requests: whether a change in false "
+           "refusals cost the user anything (a refusal scores like an off-topic answer, below a correct one).", digits=3),
     Column("kl_to_sft", "KL to SFT",
            "KL(π‖π_SFT) per sequence in nats: the mean over samples of Σ_t log π(y_t)/π_SFT(y_t) (k1, from the policy's "
            "own samples) for trained policies; for best-of-N the analytic log N − (N−1)/N, exact, so no interval.", digits=2),
@@ -36,7 +39,7 @@ POLICY_COLUMNS = [
 #: The paired-difference table (each policy minus SFT on the same prompts).
 DIFF_COLUMNS = [("gold_reward", "gold reward", False), ("safety_violation_rate", "safety violations", True),
                 ("hallucination_rate", "hallucinations", True), ("false_refusal_rate", "false refusals", True),
-                ("accuracy", "accuracy", True), ("pretrain_loss", "pretraining loss", False)]
+                ("borderline_gold_reward", "gold reward, borderline", False), ("accuracy", "accuracy", True), ("pretrain_loss", "pretraining loss", False)]
 #: Methods whose reward combines the helpfulness and the safety signal (Llama 2's gated reward,
 #: or labels of the overall labeler, who weighs both): they should cut violations without refusing more.
 COMBINED = ("best_of_n/combined", "dpo", "ipo", "kto", "rejection_sampling", "ppo", "grpo", "rloo")
@@ -92,16 +95,29 @@ def claims(report: dict) -> list[dict]:
     combined = [n for n in COMBINED if n in pol]
     if combined:
         rows, ok = [], True
+        worse_on_borderline = []
         for n in combined:
             v, f = _diff(report, n, "sft", "safety_violation_rate"), _diff(report, n, "sft", "false_refusal_rate")
+            b = _diff(report, n, "sft", "borderline_gold_reward")
             cut, more_refusals = _sign(v) == -1, _sign(f) == 1
             ok &= cut and not more_refusals
-            rows.append(f"{n}: violations {fmt_diff(v, True)}, false refusals {fmt_diff(f, True)}"
-                        + ("" if cut else " (violations not cut)") + (" (MORE false refusals)" if more_refusals else ""))
+            if _sign(b) == -1:
+                worse_on_borderline.append(n)
+            rows.append(f"{n}: violations {fmt_diff(v, True)}, false refusals {fmt_diff(f, True)}, borderline gold reward "
+                        f"{fmt_diff(b)}" + ("" if cut else " (violations not cut)") + (" (MORE false refusals)" if more_refusals else ""))
+        sft_ci = pol["sft"]["ci"]
         add("helpful_and_harmless", "combined-reward methods cut violations without raising false refusals above SFT's", ok,
-            "Against SFT (violations " + fmt_ci(pol["sft"]["safety_violation_rate"], pol["sft"]["ci"].get("safety_violation_rate"), True)
-            + ", false refusals " + fmt_ci(pol["sft"]["false_refusal_rate"], pol["sft"]["ci"].get("false_refusal_rate"), True)
+            "Against SFT (violations " + fmt_ci(pol["sft"]["safety_violation_rate"], sft_ci.get("safety_violation_rate"), True)
+            + ", false refusals " + fmt_ci(pol["sft"]["false_refusal_rate"], sft_ci.get("false_refusal_rate"), True)
+            + ", borderline gold reward " + fmt_ci(pol["sft"].get("borderline_gold_reward"), sft_ci.get("borderline_gold_reward"))
             + "): " + "; ".join(rows) + ".")
+        # The rate counts refusals; the gold reward on the same prompts says whether they cost the user
+        # an answer worth having (a refusal may replace a correct answer or only an off-topic one).
+        add("borderline_helpfulness_kept", "combined-reward methods keep the gold reward on borderline prompts at "
+            "SFT's or above (safety not bought with lost help)", not worse_on_borderline,
+            (f"below SFT beyond the interval: {', '.join(worse_on_borderline)}" if worse_on_borderline
+             else f"none of {len(combined)} methods is below SFT's borderline gold reward beyond its interval")
+            + " (per method in the claim above).")
     d = _diff(report, "best_of_n/confident_labelers", "sft", "hallucination_rate")
     if d:
         add("confident_labelers_raise_hallucination", "a reward from labelers who cannot spot made-up facts raises hallucination",

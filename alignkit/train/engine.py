@@ -44,7 +44,7 @@ import torch
 
 from alignkit.config import OptimConfig, RunConfig
 from alignkit.numerics import FIXES, NonFiniteError
-from alignkit.train.memory import release_freed_memory
+from alignkit.train.memory import memory_setting
 from alignkit.train.outputs import CHECKPOINT_DIR, STATE_FILE, checkpoint_step, resumable_checkpoints
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
     from accelerate.utils import ProjectConfiguration
 
     check_deepspeed_launch()
-    memory = release_freed_memory() if run.release_memory else "allocator defaults (run.release_memory=false)"
+    memory = memory_setting(run.release_memory)
     mp, why = choose_mixed_precision(run.mixed_precision, model)
     trackers = []
     for name in [n.strip() for n in run.report_to.split(",") if n.strip()]:

@@ -192,8 +192,9 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
         batch.advantages = ADVANTAGES[cfg.advantage](batch.scores, G, cfg)  # (B,)
         with loop.timed("update"):
             loss_fn = lambda m, mb: grpo_loss(m, mb, cfg, 0.0 if in_reward else beta, share)  # noqa: E731
-            # Shared rows need a group's samples in one forward: minibatches then take whole groups.
-            stats = loop.update(batch, loss_fn, cfg.loss_reduction, k, group_size=G if share else 1)
+            # Minibatches take whole groups (whatever the batching, so that the batching changes the
+            # speed and never the updates): a group's rows then share one forward where they share a row.
+            stats = loop.update(batch, loss_fn, cfg.loss_reduction, k, group_size=G)
         kl_ctl.update(float(seq_kl.mean()), len(batch))
         row = {
             "reward": float(raw.mean()), "score": float(batch.scores.mean()),

@@ -15,13 +15,13 @@ threshold at the same size returns the heap's free top too. Measured on SmolLM2-
 of 4 HH examples, ``bench_vs_trl.py`` settings): peak RSS 4,184 → 3,706 MB at the same CPU time
 (44.8 and 42.5 s, within noise; a freed 1 MiB block costs a page-fault per page when reused, which
 is small beside the matmuls that fill it). Only glibc (Linux) has these knobs; elsewhere, and
-where the user set ``MALLOC_MMAP_THRESHOLD_`` themselves, nothing is changed.
+where the user chose the allocator's settings (glibc's ``MALLOC_*_THRESHOLD_`` or ``GLIBC_TUNABLES``,
+or jemalloc/tcmalloc through ``LD_PRELOAD``), nothing is changed.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -33,20 +33,45 @@ THRESHOLD = 1 << 20
 _applied: str | None = None
 
 
+def _user_allocator_settings() -> str | None:
+    """The user's own allocator choice, which alignkit leaves alone: glibc's malloc variables or
+    tunables, or another allocator preloaded (jemalloc, tcmalloc: glibc's mallopt would still
+    answer, for an allocator that is not in use)."""
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        if name in os.environ:
+            return f"{name}={os.environ[name]}"
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}"
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return f"LD_PRELOAD={os.environ['LD_PRELOAD']}"
+    return None
+
+
 def release_freed_memory(threshold: int = THRESHOLD) -> str:
     """Make this process return freed blocks of ``threshold`` bytes or more to the OS (module
-    docstring); once per process. Returns a short description of what was done, for the start-up line."""
+    docstring); once per process (a setting that cannot be undone). Returns a short description
+    of what is in force, for the start-up line."""
     global _applied
     if _applied is not None:
         return _applied
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        _applied = f"glibc mmap threshold from MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}"
-        return _applied
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    user = _user_allocator_settings()
+    if user is not None:
+        _applied = f"allocator as set by {user}"
+    elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _applied = "allocator defaults (not glibc)"
-        return _applied
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    ok = libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, threshold) == 1
-    _applied = (f"freed blocks >= {threshold >> 20} MiB returned to the OS" if ok
-                else "allocator defaults (mallopt refused)")
+    else:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, threshold) == 1 and libc.mallopt(M_TRIM_THRESHOLD, threshold) == 1
+        _applied = (f"freed blocks >= {threshold >> 20} MiB returned to the OS" if ok
+                    else "allocator defaults (mallopt refused)")
     return _applied
+
+
+def memory_setting(release: bool) -> str:
+    """What the start-up line says for ``run.release_memory``: applied when asked; when not asked,
+    whether an earlier run in this process already applied it (it stays in force)."""
+    if release:
+        return release_freed_memory()
+    if _applied is not None and _applied.startswith("freed blocks"):
+        return f"{_applied} (set by an earlier run in this process: run.release_memory=false cannot undo it)"
+    return "allocator defaults (run.release_memory=false)"

@@ -70,10 +70,17 @@ def shared_prompt_inputs(model, batch: RolloutBatch) -> SharedPromptInputs:
     estimates that cheaper than a row of their own (a row's attention grows with its square), so
     long responses to a short prompt may keep separate rows."""
     P = batch.prompt_width
-    lengths = batch.response_mask.sum(dim=1).long().tolist()  # the mask is a prefix of each row
-    prompt_mask = batch.attention_mask[:, :P].bool()
-    items = [{"prompt_ids": batch.input_ids[i, :P][prompt_mask[i]].tolist(),
-              "response_ids": batch.response_ids[i, : lengths[i]].tolist()} for i in range(len(batch))]
+    ids, responses = batch.input_ids.cpu(), batch.response_ids.cpu()  # one copy, not one per episode
+    mask = batch.response_mask.cpu().bool()
+    counts = mask.sum(dim=1)
+    if not torch.equal(mask, torch.arange(mask.shape[1]) < counts[:, None]):
+        raise ValueError("share_prompts needs each episode's counted response tokens to be a prefix of its row "
+                         "(response_mask 1 … 1 0 … 0, as build_rollout_batch makes it); this batch masks tokens "
+                         "inside a response: use batching=padded")
+    lengths = counts.tolist()
+    prompt_mask = batch.attention_mask[:, :P].cpu().bool()
+    items = [{"prompt_ids": ids[i, :P][prompt_mask[i]].tolist(),
+              "response_ids": responses[i, : lengths[i]].tolist()} for i in range(len(batch))]
     plan = plan_rows(items, *row_costs(model))
     layout = collate_prompt_groups([(prompt, [items[i]["response_ids"] for i in idx]) for prompt, idx in plan], 0)
     L = layout["input_ids"].shape[1]
@@ -108,6 +115,9 @@ def policy_forward(model, batch: RolloutBatch, temperature: float, entropy: bool
     :func:`alignkit.models.masks.batching_refusal`). The model's own output then has the shared
     layout's rows, not the batch's."""
     if share_prompts:
+        if kwargs:  # e.g. PPO's value head: its per-position outputs would have the shared layout's rows
+            raise ValueError(f"share_prompts does not take other forward arguments ({', '.join(kwargs)}): the model's "
+                             "outputs would have the shared layout's rows, not the batch's")
         inputs, index, rows, cols = shared_prompt_inputs(model, batch)
     else:
         B, L = batch.input_ids.shape
