@@ -387,3 +387,29 @@ def test_draw_tokens_samples_the_distribution_and_never_a_cut_token():
     a = draw_tokens(torch.zeros(2, 50), [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
     b = draw_tokens(torch.zeros(1, 50), [torch.Generator().manual_seed(2)])
     assert a[1] == b[0]  # row 1's draw depends on its stream only
+
+
+def test_a_lora_wrapped_policy_gets_the_kv_cache_under_its_current_name(tiny_dir, tiny_tokenizer):
+    """The decode loop asks the transformers model under a peft wrapper (whose forward takes
+    **kwargs) which name its KV-cache argument has, so LoRA runs pass the current one and not a
+    deprecated alias; and the samples equal the plain model's at LoRA init
+    (B = 0: the adapters add nothing yet)."""
+    import inspect
+
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+    from alignkit.models.masks import unwrap
+    from alignkit.rollout.generate import make_generator
+
+    plain = load_causal_lm(ModelConfig(path=str(tiny_dir)))
+    lora = load_causal_lm(ModelConfig(path=str(tiny_dir), lora=True))
+    base = unwrap(lora)
+    current = "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    seen = []
+    base.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    prompts = [[{"role": "user", "content": f"Item {i}?"}] for i in range(3)]
+    sampling = SamplingConfig(max_new_tokens=6, generation_batch_size=4)
+    got = make_generator(lora, tiny_tokenizer, sampling).generate(prompts, n=2, seed=3).response_ids
+    decode_calls = [k for k in seen if current in k]
+    assert decode_calls and not any(("past_key_values" in k) for k in seen if current != "past_key_values")
+    assert got == make_generator(plain, tiny_tokenizer, sampling).generate(prompts, n=2, seed=3).response_ids
