@@ -225,7 +225,11 @@ def test_auto_shares_only_where_exact_and_a_forced_share_is_refused_before_train
     gptj = AutoModelForCausalLM.from_config(AutoConfig.for_model(
         "gptj", vocab_size=V, n_embd=32, n_layer=1, n_head=2, rotary_dim=8, n_positions=64))
     assert not share_group_prompts(GRPOConfig(), gptj)  # auto: padded on a family not tested for sharing
-    with pytest.raises(ValueError, match="grpo batching=prefix_shared is exact only on the decoder families"):
+    with pytest.raises(ValueError, match="the policy: grpo batching=prefix_shared is exact only on the decoder families"):
         share_group_prompts(GRPOConfig(batching="prefix_shared"), gptj)
+    llama = _get("llama", "lm", "sdpa")  # a reference model given through the Python API is checked too
+    assert not share_group_prompts(GRPOConfig(), llama, reference=gptj)
+    with pytest.raises(ValueError, match="the reference model: grpo batching=prefix_shared"):
+        share_group_prompts(GRPOConfig(batching="prefix_shared"), llama, reference=gptj)
     with pytest.raises(ValueError, match="batching must be auto, padded or prefix_shared; got 'packed'"):
         GRPOConfig(batching="packed").validate()

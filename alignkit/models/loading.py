@@ -406,6 +406,11 @@ class Reference:
             self._copy = given if given is not None else copy.deepcopy(policy)
             freeze(self._copy)
 
+    @property
+    def separate_model(self):
+        """The reference's own module (a copy, or the one given), None in ``adapter`` mode (the policy itself)."""
+        return self._copy
+
     @contextmanager
     def active(self):
         if self.mode == "copy":

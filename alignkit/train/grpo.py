@@ -113,15 +113,20 @@ ADVANTAGES: dict[str, Callable[[Tensor, int, GRPOConfig], Tensor]] = {
 }
 
 
-def share_group_prompts(cfg: GRPOConfig, policy) -> bool:
-    """Whether forward passes lay a group out as one row ``x ‖ y_1 ‖ … ‖ y_G`` (``cfg.batching``);
-    a forced ``prefix_shared`` that ``policy`` cannot run exactly is refused, naming what works."""
+def share_group_prompts(cfg: GRPOConfig, policy, reference=None) -> bool:
+    """Whether forward passes lay a group out as one row ``x ‖ y_1 ‖ … ‖ y_G`` (``cfg.batching``):
+    both the policy and the reference model (a different model where the Python API gave one)
+    must be served exactly with it; a forced ``prefix_shared`` that one cannot run is refused,
+    naming the model and what works."""
     if cfg.batching == "padded":
         return False
-    reason = batching_refusal("prefix_shared", policy)
-    if cfg.batching == "prefix_shared" and reason is not None:
-        raise ValueError(reason.replace("batching=prefix_shared", "grpo batching=prefix_shared"))
-    return reason is None
+    for role, model in (("policy", policy), ("reference model", reference)):
+        reason = None if model is None else batching_refusal("prefix_shared", model)
+        if reason is not None:
+            if cfg.batching == "prefix_shared":
+                raise ValueError(f"the {role}: " + reason.replace("batching=prefix_shared", "grpo batching=prefix_shared"))
+            return False
+    return True
 
 
 def grpo_loss(model, mb, cfg: GRPOConfig, loss_kl_coef: float, share_prompts: bool = False):
@@ -151,10 +156,10 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     tokenizer, prompts, reward = online_inputs(cfg, prompts, reward)
     policy = load_causal_lm(cfg.model)
     choose_logps_path(policy, cfg.run.logps_path)  # before the reference copy is made: it keeps the choice
-    share = share_group_prompts(cfg, policy)
-    print(f"[alignkit] batching={'prefix_shared (each group prompt computed once per forward)' if share else 'padded'}")
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
+    share = share_group_prompts(cfg, policy, reference.separate_model if reference is not None else None)
+    print(f"[alignkit] batching={'prefix_shared (each group prompt computed once per forward)' if share else 'padded'}")
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg, prompts=prompts,
                       evaluate=held_out_reward(cfg, tokenizer, reward))

@@ -15,6 +15,7 @@ float rounding (tests/test_online_shared_prompts.py), on G − 1 fewer copies of
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,16 @@ class SharedPromptInputs(NamedTuple):
     """(N,) its step t in that episode."""
 
 
+_COSTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _row_costs(model) -> tuple[float, float]:
+    """:func:`~alignkit.models.scoring.row_costs` of ``model``, computed once per model (it walks every parameter)."""
+    if model not in _COSTS:
+        _COSTS[model] = row_costs(model)
+    return _COSTS[model]
+
+
 def shared_prompt_inputs(model, batch: RolloutBatch) -> SharedPromptInputs:
     """The episodes of ``batch`` with one row per distinct prompt, ``x ‖ y_1 ‖ … ‖ y_k``, for
     log π(a_t|s_t) of every counted response token (layout: :func:`collate_prompt_groups`).
@@ -81,7 +92,7 @@ def shared_prompt_inputs(model, batch: RolloutBatch) -> SharedPromptInputs:
     prompt_mask = batch.attention_mask[:, :P].cpu().bool()
     items = [{"prompt_ids": ids[i, :P][prompt_mask[i]].tolist(),
               "response_ids": responses[i, : lengths[i]].tolist()} for i in range(len(batch))]
-    plan = plan_rows(items, *row_costs(model))
+    plan = plan_rows(items, *_row_costs(model))
     layout = collate_prompt_groups([(prompt, [items[i]["response_ids"] for i in idx]) for prompt, idx in plan], 0)
     L = layout["input_ids"].shape[1]
     index, rows, cols = [], [], []
