@@ -18,8 +18,8 @@ class DemoConfig:
     """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
-    """A smaller, faster run (fewer steps and samples, the core methods): about 400 s of one core of this project's
-    2-core AVX2 machine, half that on faster ones (the full run: about 1,200 s here)."""
+    """A smaller, faster run (fewer steps and samples, the core methods): about 300 s of one core of this project's
+    2-core AVX2 machine (the full run: about 900 s here)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
     prompt): its figures mean nothing. Overrides --quick."""
@@ -81,17 +81,17 @@ def report_scale(cfg: DemoConfig) -> str:
 #: EPYC, AVX2; measured while another run shared the machine); the stage runner scales them by this
 #: run's pace for its ETA. A stage missing here turns the ETA off.
 STAGE_SECONDS: dict[str, dict[str, float]] = {
-    # quick, seed 0, CPU seconds (the IPO, KTO, iterative, Safe-RLHF and critic entries, which --quick
-    # runs only with methods=all, are estimates from their parts)
-    "quick": {"pretraining": 63, "supervised fine-tuning": 6, "comparison data": 11, "reward models": 88,
-              "sample the SFT policy": 12, "best_of_n": 33, "dpo": 47, "ipo": 47, "kto": 45, "rejection_sampling": 28,
-              "iterative": 85, "ppo": 22, "ppo_ptx": 31, "ppo_safety_constrained": 45, "grpo": 25, "rloo": 25,
+    # quick, mean of seeds 0-2, CPU seconds, six demo runs sharing the 2 cores (the IPO, KTO,
+    # iterative, Safe-RLHF and critic entries, which --quick runs only with methods=all, are estimates)
+    "quick": {"pretraining": 65, "supervised fine-tuning": 6, "comparison data": 10, "reward models": 79,
+              "sample the SFT policy": 9, "best_of_n": 18, "dpo": 41, "ipo": 41, "kto": 35, "rejection_sampling": 17,
+              "iterative": 70, "ppo": 18, "ppo_ptx": 26, "ppo_safety_constrained": 38, "grpo": 16, "rloo": 16,
               "critic": 90, "gold-judge evaluation": 2},
-    # full, seed 0, CPU seconds (the run docs/demo-report.json holds)
-    "full": {"pretraining": 132, "supervised fine-tuning": 6, "comparison data": 11, "reward models": 145,
-             "sample the SFT policy": 16, "best_of_n": 86, "dpo": 60, "ipo": 59, "kto": 46, "rejection_sampling": 68,
-             "iterative": 179, "ppo": 29, "ppo_ptx": 42, "ppo_safety_constrained": 67, "grpo": 34, "rloo": 32,
-             "critic": 193, "gold-judge evaluation": 3},
+    # full, mean of seeds 0-2, CPU seconds (the run docs/demo-report.json holds)
+    "full": {"pretraining": 126, "supervised fine-tuning": 6, "comparison data": 10, "reward models": 129,
+             "sample the SFT policy": 11, "best_of_n": 47, "dpo": 48, "ipo": 48, "kto": 37, "rejection_sampling": 33,
+             "iterative": 122, "ppo": 21, "ppo_ptx": 30, "ppo_safety_constrained": 49, "grpo": 19, "rloo": 19,
+             "critic": 151, "gold-judge evaluation": 3},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
