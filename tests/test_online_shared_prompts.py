@@ -121,6 +121,19 @@ def test_a_long_response_to_a_short_prompt_keeps_its_own_row():
     torch.testing.assert_close(logps, ref, atol=1e-5, rtol=0)
 
 
+def test_under_eager_attention_shared_rows_hold_no_more_attention_scores_than_padded_ones():
+    """Eager attention stores each row's L × L scores for backward: its plan keeps Σ L² at or below
+    that of one row per episode (sdpa's flash kernels store none, so its plan counts FLOPs)."""
+    batch, _, _ = _rollout()
+    lengths = batch.response_mask.sum(1).long()
+    alone = sum((p + int(n)) ** 2 for (p, ns), n in zip([(p, ns) for p, ns in GROUPS for _ in ns], lengths))
+    eager = shared_prompt_inputs(_get("llama", "lm", "eager"), batch).inputs["input_ids"]
+    sdpa = shared_prompt_inputs(_get("llama", "lm", "sdpa"), batch).inputs["input_ids"]
+    rows = lambda ids: [int(r.ne(0).sum()) for r in ids]  # noqa: E731  (real tokens per row; pad id 0)
+    assert sum(L * L for L in rows(eager)) <= alone
+    assert len(rows(eager)) > len(rows(sdpa)) == len(GROUPS)  # eager splits groups that sdpa keeps in one row
+
+
 @pytest.mark.parametrize("method", ["grpo", "rloo"])
 def test_grpo_and_rloo_losses_equal_on_both_layouts(method):
     from alignkit.train.grpo import GRPOConfig, RLOOConfig, grpo_loss
