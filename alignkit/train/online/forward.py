@@ -23,7 +23,7 @@ from torch import Tensor
 
 from alignkit.data.prefix_sharing import collate_prompt_groups
 from alignkit.models.heads import position_logps
-from alignkit.models.masks import _config
+from alignkit.models.masks import unwrap
 from alignkit.models.scoring import plan_rows, row_costs
 from alignkit.ops import masked_sum
 from alignkit.rollout.batch import RolloutBatch
@@ -94,7 +94,7 @@ def shared_prompt_inputs(model, batch: RolloutBatch) -> SharedPromptInputs:
     items = [{"prompt_ids": ids[i, :P][prompt_mask[i]].tolist(),
               "response_ids": responses[i, : lengths[i]].tolist()} for i in range(len(batch))]
     per_token, per_pair = _row_costs(model)
-    if getattr(_config(model), "_attn_implementation", None) == "eager":
+    if getattr(unwrap(model).config, "_attn_implementation", None) == "eager":
         # Eager attention keeps every row's (L × L) scores for the backward pass: plan by attention
         # pairs alone, so the shared rows never hold more scores than one padded row per episode.
         per_token = 0.0
