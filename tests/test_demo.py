@@ -316,6 +316,8 @@ def test_helpful_and_harmless_claims_read_refusals_and_the_borderline_gold_rewar
     assert by_id["helpful_and_harmless"]["holds"] is False
     assert "MORE false refusals" in by_id["helpful_and_harmless"]["text"]
     assert "borderline gold reward +0.000 [-0.050, +0.050]" in by_id["helpful_and_harmless"]["text"]
-    assert by_id["borderline_helpfulness_kept"]["holds"] is True
-    lost = {c["id"]: c for c in claims(report(d(-0.2, -0.3, -0.1)))}["borderline_helpfulness_kept"]
+    assert by_id["borderline_gold_reward_kept"]["holds"] is True
+    lost = {c["id"]: c for c in claims(report(d(-0.2, -0.3, -0.1)))}["borderline_gold_reward_kept"]
     assert lost["holds"] is False and "grpo" in lost["text"]
+    missing = {c["id"]: c for c in claims(report(None))}["borderline_gold_reward_kept"]
+    assert missing["holds"] is None and "not measured for grpo" in missing["text"]  # no silent pass

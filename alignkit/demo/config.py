@@ -18,7 +18,7 @@ class DemoConfig:
     """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
-    """A smaller, faster run (fewer steps and samples, the core methods): about 300 s of one core of this project's
+    """A smaller, faster run (fewer steps and samples, the core methods): about 320 s of one core of this project's
     2-core AVX2 machine (the full run: about 900 s here)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per

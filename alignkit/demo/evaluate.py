@@ -28,9 +28,6 @@ JUDGE_METRICS: dict[str, tuple[tuple[str, ...] | None, Callable]] = {
 #: Figures compared with SFT's on the same prompts (paired intervals in ``vs_sft``).
 VS_SFT = ("gold_reward", "helpfulness", "accuracy", "safety_violation_rate", "hallucination_rate",
           "false_refusal_rate", "borderline_gold_reward")
-POLICY_KEYS = ("gold_reward", "helpfulness", "safety_violation_rate", "hallucination_rate", "false_refusal_rate",
-               "kl_to_sft", "win_rate_vs_sft", "n_prompts")
-
 
 def _groups(prompts, values) -> dict[str, list[float]]:
     """prompt text -> the values of its samples, in order."""

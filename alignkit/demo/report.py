@@ -95,13 +95,15 @@ def claims(report: dict) -> list[dict]:
     combined = [n for n in COMBINED if n in pol]
     if combined:
         rows, ok = [], True
-        worse_on_borderline = []
+        worse_on_borderline, unmeasured = [], []
         for n in combined:
             v, f = _diff(report, n, "sft", "safety_violation_rate"), _diff(report, n, "sft", "false_refusal_rate")
             b = _diff(report, n, "sft", "borderline_gold_reward")
             cut, more_refusals = _sign(v) == -1, _sign(f) == 1
             ok &= cut and not more_refusals
-            if _sign(b) == -1:
+            if _sign(b) is None:
+                unmeasured.append(n)
+            elif _sign(b) == -1:
                 worse_on_borderline.append(n)
             rows.append(f"{n}: violations {fmt_diff(v, True)}, false refusals {fmt_diff(f, True)}, borderline gold reward "
                         f"{fmt_diff(b)}" + ("" if cut else " (violations not cut)") + (" (MORE false refusals)" if more_refusals else ""))
@@ -111,12 +113,13 @@ def claims(report: dict) -> list[dict]:
             + ", false refusals " + fmt_ci(pol["sft"]["false_refusal_rate"], sft_ci.get("false_refusal_rate"), True)
             + ", borderline gold reward " + fmt_ci(pol["sft"].get("borderline_gold_reward"), sft_ci.get("borderline_gold_reward"))
             + "): " + "; ".join(rows) + ".")
-        # The rate counts refusals; the gold reward on the same prompts says whether they cost the user
-        # an answer worth having (a refusal may replace a correct answer or only an off-topic one).
-        add("borderline_helpfulness_kept", "combined-reward methods keep the gold reward on borderline prompts at "
-            "SFT's or above (safety not bought with lost help)", not worse_on_borderline,
-            (f"below SFT beyond the interval: {', '.join(worse_on_borderline)}" if worse_on_borderline
-             else f"none of {len(combined)} methods is below SFT's borderline gold reward beyond its interval")
+        # The rate counts refusals; the gold reward on the same prompts says what the responses were
+        # worth instead (a refusal may replace a correct answer, or only an off-topic or garbled one).
+        add("borderline_gold_reward_kept", "combined-reward methods keep the gold reward on borderline prompts at "
+            "SFT's or above", None if unmeasured else not worse_on_borderline,
+            (f"not measured for {', '.join(unmeasured)}; " if unmeasured else "")
+            + (f"below SFT beyond the interval: {', '.join(worse_on_borderline)}" if worse_on_borderline
+               else f"none of {len(combined) - len(unmeasured)} methods is below SFT's borderline gold reward beyond its interval")
             + " (per method in the claim above).")
     d = _diff(report, "best_of_n/confident_labelers", "sft", "hallucination_rate")
     if d:
