@@ -219,7 +219,8 @@ def test_a_tiny_grpo_run_gives_the_same_weights_on_both_layouts(tiny_dir, tmp_pa
     monkeypatch.setattr(grpo_module, "grpo_loss", recording)
     shared_run, shared = _run(tiny_dir, tmp_path / "shared", "prefix_shared")
     assert len(seen) == 2 * 2 * 4 and all(len(set(p)) == 1 and len(p) == 2 for p in seen)  # whole groups per step
-    assert "batching=prefix_shared" in capsys.readouterr().out  # announced at start-up
+    out = capsys.readouterr().out
+    assert "batching=prefix_shared" in out and "not a multiple" not in out  # announced at start-up
     padded_run, padded = _run(tiny_dir, tmp_path / "padded", "padded")
     assert "batching=padded" in capsys.readouterr().out
     start = load_file(str(tiny_dir / "model.safetensors"))
@@ -246,3 +247,19 @@ def test_auto_shares_only_where_exact_and_a_forced_share_is_refused_before_train
         share_group_prompts(GRPOConfig(batching="prefix_shared"), llama, reference=gptj)
     with pytest.raises(ValueError, match="batching must be auto, padded or prefix_shared; got 'packed'"):
         GRPOConfig(batching="packed").validate()
+
+
+def test_a_batch_size_that_splits_groups_is_announced(tiny_dir, tmp_path, capsys):
+    from alignkit.config import ModelConfig, OptimConfig, RunConfig
+    from alignkit.rollout.generate import SamplingConfig
+    from alignkit.rollout.rewards import FunctionReward
+    from alignkit.train.grpo import GRPOConfig, run_grpo
+    from alignkit.train.online import RewardConfig, RolloutConfig
+
+    cfg = GRPOConfig(model=ModelConfig(path=str(tiny_dir)),
+                     optim=OptimConfig(lr=1e-3, batch_size=3, schedule="constant", warmup_ratio=0.0),
+                     run=RunConfig(output_dir=str(tmp_path / "out"), progress=False, report_to="jsonl"),
+                     sampling=SamplingConfig(max_new_tokens=4), reward=RewardConfig(unfinished_penalty=0.0),
+                     rollout=RolloutConfig(prompts_per_rollout=2, samples_per_prompt=2, num_rollouts=1, ppo_epochs=1))
+    run_grpo(cfg, PROMPTS[:2], reward=FunctionReward(_digits))
+    assert "optim.batch_size=3 is not a multiple of the group size 2" in capsys.readouterr().out

@@ -159,7 +159,10 @@ def run_grpo(cfg: GRPOConfig, prompts: list[list[dict]] | None = None,
     use_ref = cfg.kl.kl_coef > 0
     reference = Reference(policy) if use_ref else None
     share = share_group_prompts(cfg, policy, reference.separate_model if reference is not None else None)
-    print(f"[alignkit] batching={'prefix_shared (each group prompt computed once per forward)' if share else 'padded'}")
+    split = (f"; optim.batch_size={cfg.optim.batch_size} is not a multiple of the group size "
+             f"{cfg.rollout.samples_per_prompt}, so some groups span two forwards and share their prompt less"
+             if share and cfg.optim.batch_size % cfg.rollout.samples_per_prompt else "")
+    print(f"[alignkit] batching={'prefix_shared (each group prompt computed once per forward)' if share else 'padded'}{split}")
     name = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     loop = OnlineLoop(policy, cfg.optim, cfg.run, cfg.rollout, len(prompts), name, config=cfg, prompts=prompts,
                       evaluate=held_out_reward(cfg, tokenizer, reward))
