@@ -39,6 +39,16 @@ def tiny_tokenizer(tiny_dir):
     return load_tokenizer(str(tiny_dir))
 
 
+def load_script(path: Path, name: str):
+    """A script that is not part of the package (benchmarks/, examples/) imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -3,20 +3,18 @@ and minutes of CPU, so only its cheap parts run here)."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vs_trl.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_vs_trl", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "bench_vs_trl")
 
 
 def test_model_option_takes_a_hf_directory_and_refuses_anything_else(bench, tiny_dir, tmp_path):

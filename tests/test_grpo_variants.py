@@ -3,23 +3,20 @@ reproduces that run's GRPO figures (the context is rebuilt faithfully), and its 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
 from alignkit.cli import main as cli
+from tests.conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "grpo_variants.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("grpo_variants", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "grpo_variants")
 
 
 @pytest.fixture(scope="module")
