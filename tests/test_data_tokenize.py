@@ -195,3 +195,34 @@ def test_tokenize_records_mixes_types_and_shares_prompts(tok):
     ]
     assert items[1]["prompt_ids"] == items[2]["prompt_ids"] == items[3]["prompt_ids"]
     assert report.tokenized == 4 and report.truncated == 0
+
+
+def test_shuffled_ranking_pairs_render_each_response_once_and_equal_one_by_one(tok, monkeypatch):
+    """A ranking of 4 responses expanded to 6 pairs and shuffled among other prompts' pairs: the
+    items equal tokenising each pair on its own, while the chat template renders each prompt and
+    each (prompt, reply) once, not once per pair (the cost the encoder's memory exists to save)."""
+    import itertools
+    import random
+
+    import alignkit.data.tokenize as T
+
+    prompts = [[USER(f"question {k}")] for k in range(3)]
+    prompts += [[{"role": "system", "content": "Be brief."}, *p] for p in prompts]
+    replies = ["one", "two two", "three three three", "four"]
+    pairs = [PreferencePair(p, a, b) for p in prompts for a, b in itertools.combinations(replies, 2)]
+    random.Random(0).shuffle(pairs)
+    one_by_one = [tokenize_pair(pair, tok, max_length=40, max_prompt_length=20) for pair in pairs]
+    calls = []
+    real = T.render
+    monkeypatch.setattr(T, "render", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    items, report = tokenize_records(pairs, tok, max_length=40, max_prompt_length=20)
+    assert items == one_by_one and report.tokenized == len(pairs)
+    calls = [c for c in calls if T._SENTINEL not in str(c)]  # the template's end of turn, read once
+    assert len(calls) == len(prompts) * (1 + len(replies))  # each prompt, then each reply to it, once
+    # Items never share a list with the encoder's memory or with each other.
+    items[0]["chosen_ids"].append(-1)
+    again, _ = tokenize_records(pairs, tok, max_length=40, max_prompt_length=20)
+    assert again == one_by_one
+    same_reply = [(i, j) for i, j in itertools.combinations(range(len(items)), 2)
+                  if pairs[i].prompt == pairs[j].prompt and pairs[i].chosen == pairs[j].chosen]
+    assert same_reply and all(items[i]["chosen_ids"] is not items[j]["chosen_ids"] for i, j in same_reply)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -73,6 +74,11 @@ _WARNED: set[str] = set()
 
 
 # ---- rendering ---------------------------------------------------------------------------------
+
+
+def _key(value) -> str:
+    """A hashable key of a prompt (messages) or a reply: equal exactly when the values are."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def clean_messages(messages: Messages) -> Messages:
@@ -229,8 +235,15 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 class _Encoder:
-    """Tokenises prompts and responses; remembers the last prompt, which the responses of one
-    pair (and the consecutive pairs of one ranking) share."""
+    """Tokenises prompts and responses, remembering each prompt's ids and the ids of the responses
+    to it already tokenised: the responses of one pair share a prompt, and a ranking of k responses
+    expanded to k-choose-2 pairs holds each response k−1 times (rendering a reply through the chat
+    template costs more than the rest of tokenising). Ids are a function of the prompt and the
+    reply alone, so remembering them changes no item.
+
+    How long a prompt is remembered: by default until another prompt comes; when :meth:`expect`
+    has been given every use of each prompt (as :func:`tokenize_records` does with the whole list,
+    so the shuffled pairs of one prompt still meet), until its last use is :meth:`done`."""
 
     def __init__(self, tokenizer, assistant_turns: str = "all"):
         if assistant_turns not in ASSISTANT_TURNS:
@@ -240,7 +253,9 @@ class _Encoder:
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
         self.bos = bos if adds_bos else None
-        self._last: tuple[str, str, list[int]] | None = None  # (key, prompt text, its ids)
+        self._prompts: dict[str, tuple[str, list[int]]] = {}  # prompt key -> (its text, its ids)
+        self._replies: dict[str, dict[str, list[int]]] = {}  # prompt key -> reply key -> the reply's ids
+        self._uses: Counter | None = None  # records still to come per prompt key (None: keep the last prompt)
         self._warned = False
 
     def _ids(self, text: str) -> list[int]:
@@ -258,15 +273,33 @@ class _Encoder:
             return whole[len(before_ids):], whole
         return self._ids(text), whole
 
-    def _prompt(self, messages: Messages) -> tuple[str, list[int]]:
-        key = json.dumps(messages, sort_keys=True, default=str)
-        if self._last is None or self._last[0] != key:
+    def expect(self, prompts: Iterable[Messages | None]) -> None:
+        """Remember each prompt until the last of its uses in ``prompts`` is :meth:`done`."""
+        self._uses = Counter(_key(p) for p in prompts if p is not None)
+
+    def done(self, prompt: Messages | None) -> None:
+        """One use of ``prompt`` is tokenised: forget it when no use is still to come."""
+        if self._uses is None or prompt is None:
+            return
+        key = _key(prompt)
+        self._uses[key] -= 1
+        if self._uses[key] <= 0:
+            self._prompts.pop(key, None)
+            self._replies.pop(key, None)
+
+    def _prompt(self, messages: Messages) -> tuple[str, str, list[int]]:
+        """``(key, text, ids)`` of a prompt."""
+        key = _key(messages)
+        if key not in self._prompts:
+            if self._uses is None:  # remember the last prompt only
+                self._prompts.clear()
+                self._replies.clear()
             text = render_prompt(self.tokenizer, messages)
-            self._last = (key, text, self._ids(text))
-        return self._last[1], self._last[2]
+            self._prompts[key], self._replies[key] = (text, self._ids(text)), {}
+        return (key, *self._prompts[key])
 
     def prompt(self, messages: Messages) -> list[int]:
-        return self._with_bos(list(self._prompt(messages)[1]))  # a copy: items never share a list
+        return self._with_bos(list(self._prompt(messages)[2]))  # a copy: items never share a list
 
     def _eos_after_content(self, text: str, content: str) -> str:
         """With a template that renders no end of turn: ``text`` (a final reply as rendered) with
@@ -292,8 +325,12 @@ class _Encoder:
     def response(self, prompt: Messages, reply: dict | str) -> list[int]:
         if isinstance(reply, str):
             reply = {"role": "assistant", "content": reply}
-        prompt_text, prompt_ids = self._prompt(prompt)
-        return self._continue(prompt_text, prompt_ids, self._reply_text(prompt, reply, prompt_text))[0]
+        key, prompt_text, prompt_ids = self._prompt(prompt)
+        known = self._replies[key]
+        reply_key = _key(reply)
+        if reply_key not in known:
+            known[reply_key] = self._continue(prompt_text, prompt_ids, self._reply_text(prompt, reply, prompt_text))[0]
+        return list(known[reply_key])  # a copy: items never share a list
 
     def conversation(self, messages: Messages) -> tuple[list[int], list[int], list[int]]:
         """A multi-turn SFT conversation whose assistant turns are all trained:
@@ -497,7 +534,12 @@ def encode_responses(tokenizer, prompts: list[Messages], responses: list[str]) -
     """Token ids of each response to its prompt exactly as the training items hold them (before
     truncation): reply, end of turn and trailer."""
     enc = _Encoder(tokenizer)
-    return [enc.response(p, r) for p, r in zip(prompts, responses)]
+    enc.expect(prompts)
+    out = []
+    for p, r in zip(prompts, responses):
+        out.append(enc.response(p, r))
+        enc.done(p)
+    return out
 
 
 def _one(kind: type, record, tokenizer, max_length, max_prompt_length, report, assistant_turns="all") -> dict:
@@ -567,10 +609,13 @@ def tokenize_records(
     limits = _Limits(max_length, max_prompt_length)
     report = report if report is not None else DataReport()
     enc = _Encoder(tokenizer, assistant_turns)
+    records = list(records)
+    enc.expect(getattr(r, "prompt", None) for r in records)
     items = []
     for record in records:
         build = _BUILDERS.get(type(record))
         if build is None:
             raise TypeError(f"cannot tokenize a {type(record).__name__}; expected a data record")
         items.append(build(record, enc, limits, report))
+        enc.done(getattr(record, "prompt", None))
     return items, report
