@@ -25,6 +25,25 @@ def test_kl_of_a_policy_to_itself_is_zero_and_to_another_is_not(tiny_dir, tiny_t
     assert (response_logprobs(a, prompts, responses, 0) < 0).all()
 
 
+def test_response_logprobs_equal_one_plain_forward_per_sample_in_the_given_order(tiny_dir):
+    """Rows are batched by length (not in their order): each value is still its own sample's
+    Σ_t log π(y_t | x, y_<t), as a plain forward of that sample alone gives it."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_causal_lm
+
+    model = load_causal_lm(ModelConfig(path=str(tiny_dir)), trainable=False).double()
+    g = torch.Generator().manual_seed(0)
+    lengths = [(7, 3), (2, 9), (5, 1), (11, 4), (3, 3), (1, 6), (8, 8)]
+    prompts = [torch.randint(3, 200, (a,), generator=g).tolist() for a, _ in lengths]
+    responses = [torch.randint(3, 200, (b,), generator=g).tolist() for _, b in lengths]
+    got = response_logprobs(model, prompts, responses, 0, batch_size=3)
+    for k, (x, y) in enumerate(zip(prompts, responses)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([x + y])).logits[0].log_softmax(-1)
+        want = sum(float(logits[len(x) - 1 + t, tok]) for t, tok in enumerate(y))
+        assert float(got[k]) == pytest.approx(want, abs=1e-5), k  # float32 out
+
+
 def test_best_of_n_kl_formula():
     assert best_of_n_kl(1) == 0.0
     assert best_of_n_kl(8) == pytest.approx(math.log(8) - 7 / 8)

@@ -23,15 +23,19 @@ def _response_batch(prompt_ids: Sequence[list[int]], response_ids: Sequence[list
 
 @torch.no_grad()
 def response_logprobs(model, prompt_ids, response_ids, pad_id: int, batch_size: int = 32) -> torch.Tensor:
-    """Σ_t log π(y_t | x, y_<t) over each response: ``(N,)``."""
-    out = []
+    """Σ_t log π(y_t | x, y_<t) over each response: ``(N,)``, in the order given."""
     device = next(model.parameters()).device
-    for i in range(0, len(prompt_ids), batch_size):
-        batch = _response_batch(prompt_ids[i : i + batch_size], response_ids[i : i + batch_size], pad_id)
+    # Batches of similar lengths: sampled responses to prompts of many lengths padded in their own
+    # order waste about a third of the forward pass on padding (demo held-out samples: 1.33x).
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
+    out = torch.zeros(len(order))
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        batch = _response_batch([prompt_ids[j] for j in rows], [response_ids[j] for j in rows], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         logps, mask = forward_logps(model, batch)
-        out.append((logps * mask).sum(1).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out[rows] = (logps * mask).sum(1).float().cpu()
+    return out
 
 
 def kl_per_sample(policy, reference, prompt_ids, response_ids, pad_id: int) -> torch.Tensor:
