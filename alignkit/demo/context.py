@@ -108,3 +108,14 @@ def sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_token
     gen = make_generator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                                        generation_batch_size=GENERATION_BATCH))
     return model, gen.generate([messages(p.text) for p in prompts], n=n, seed=seed)
+
+
+def sft_samples(ctx: Context, n: int):
+    """The SFT policy's ``n`` samples per held-out prompt (seed + 101), the ones best-of-N picks
+    from: drawn once and kept, since best-of-N under the critique model judges the same samples."""
+    key = ("sft_samples", n)
+    if key not in ctx.extra:
+        s = ctx.scale
+        ctx.extra[key] = sample(ctx.sft_dir, ctx.tokenizer, ctx.world.prompts(split="heldout"), n, ctx.cfg.seed + 101,
+                                s.max_new_tokens)[1]
+    return ctx.extra[key]

@@ -10,7 +10,7 @@ from pathlib import Path
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from alignkit.rollout.rewards import RewardSource
 
-from .context import Context, messages, run_config, sample
+from .context import Context, messages, run_config, sft_samples
 from .pipeline import combined_reward, policy_from_dir, prompt_messages
 
 
@@ -48,7 +48,7 @@ def best_of_n(ctx: Context) -> None:
     prompts = w.prompts(split="heldout")
     n, draws = s.best_of_n, s.bon_draws
     # draws × n samples per prompt: each consecutive block of n is one best-of-n draw.
-    _, gens = sample(ctx.sft_dir, ctx.tokenizer, prompts, n * draws, ctx.cfg.seed + 101, s.max_new_tokens)
+    gens = sft_samples(ctx, n * draws)
     msgs = [messages(prompts[i].text) for i in gens.prompt_index]
     rewards = {
         "best_of_n/helpfulness": RewardModel(str(ctx.reward_models["helpfulness"])),
