@@ -105,6 +105,23 @@ def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path, capfd
     assert "Claims across seeds" in (tmp_path / "multi" / "report.md").read_text()
 
 
+def test_iterative_round_one_is_the_rejection_sampling_policy_sampled_once(tmp_path, monkeypatch):
+    """Round 1 of the iterative method is the rejection_sampling method's policy (same data, reward
+    models and seed): its figures are that policy's, taken over rather than sampled again; round 2,
+    a new policy, is sampled. A tiny run of the two methods."""
+    import alignkit.demo.iterate as iterate
+
+    sampled, real = [], iterate.policy_from_dir
+    monkeypatch.setattr(iterate, "policy_from_dir", lambda ctx, name, d: sampled.append(name) or real(ctx, name, d))
+    assert main(["demo", "--seed", "0", "--out", str(tmp_path), "tiny=true", "methods=rejection_sampling,iterative"]) == 0
+    pol = json.loads((tmp_path / "report.json").read_text())["policies"]
+    assert sampled == ["iterative/round2"]
+    rs, r1 = pol["rejection_sampling"], pol["iterative/round1"]
+    for key in ("gold_reward", "kl_to_sft", "false_refusal_rate", "pretrain_loss", "n_samples"):
+        assert r1[key] == rs[key], key
+    assert pol["iterative/round2"]["kl_to_sft"] != r1["kl_to_sft"]
+
+
 def test_seed_aggregate_by_hand():
     """Three seeds with gold reward 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(2) = 4.303 → 0.2 ± 0.2484; a
     claim that held on two seeds of three is not a finding."""

@@ -54,11 +54,11 @@ class Scale:
 
 
 #: Full. To fit 10 minutes of one core the model is 64 wide (96 before: the plain transformers step
-#: runs 1.6x faster, benchmarks/bench_demo_model.py), with 6 pretraining epochs (8), 2.5 reward-model
-#: epochs (3), 1.25 DPO/IPO/KTO epochs (1.5) and one best-of-N draw per prompt (2); at 64 wide and 6
-#: pretraining epochs, seed 0 held every claim it held at 96 wide.
-FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2.5, best_of_n=8, eval_samples=4,
-             bon_draws=1, dpo_epochs=1.25, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
+#: runs 1.6x faster, benchmarks/bench_demo_model.py), with 6 pretraining epochs (8), 2 reward-model
+#: epochs (3), 1 DPO/IPO/KTO epoch (1.5), one best-of-N draw per prompt (2) and 3 samples per
+#: held-out prompt (4; each policy's sampling, KL and NLL cost about 7 s, and there are 17 policies).
+FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=8, eval_samples=3,
+             bon_draws=1, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
 #: Quick: the same model; 2 held-out samples per prompt (3 before) and 0.75 DPO epochs (1) for
 #: 3 minutes of one core. Fewer reward-model or pretraining epochs cost more: 1 reward-model epoch and
 #: 3 pretraining epochs dropped the reward models to 54-57% held-out accuracy and PPO below SFT (seed 0).

@@ -60,7 +60,12 @@ def iterative(ctx: Context) -> None:
         return rejection_sample(ctx, policy, combined_reward(ctx, dirs), out)
 
     for rec in run_rounds(ctx.out / "iterative", ctx.sft_dir, ctx.scale.rounds, collect, train_rewards, optimise):
-        policy_from_dir(ctx, f"iterative/round{rec.round}", Path(rec.policy_dir))
+        name = f"iterative/round{rec.round}"
+        if Path(rec.policy_dir).resolve() == (ctx.out / "rejection_sampling").resolve() and "rejection_sampling" in ctx.policies:
+            # Round 1 is the rejection_sampling method's policy, already sampled with the same seed.
+            ctx.policies[name] = dict(ctx.policies["rejection_sampling"])
+        else:
+            policy_from_dir(ctx, name, Path(rec.policy_dir))
 
 @dataclass
 class IterateConfig:
