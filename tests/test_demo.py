@@ -122,6 +122,16 @@ def test_iterative_round_one_is_the_rejection_sampling_policy_sampled_once(tmp_p
     assert pol["iterative/round2"]["kl_to_sft"] != r1["kl_to_sft"]
 
 
+def test_budget_line_holds_the_default_methods_to_their_scale_budget():
+    from alignkit.demo.config import BUDGET_SECONDS, budget_line
+
+    assert BUDGET_SECONDS == {"quick": 180, "full": 600}  # the issue's 3 and 10 minutes of one core
+    assert budget_line("quick", True, 175.0) == "within the quick budget of 180 s of CPU"
+    assert budget_line("full", True, 601.0) == "OVER the full budget of 600 s of CPU"
+    assert "chose its own" in budget_line("quick", False, 400.0)  # methods=all runs more stages
+    assert budget_line("tiny", True, 30.0) == ""
+
+
 def test_seed_aggregate_by_hand():
     """Three seeds with gold reward 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(2) = 4.303 → 0.2 ± 0.2484; a
     claim that held on two seeds of three is not a finding."""

@@ -80,6 +80,22 @@ def report_scale(cfg: DemoConfig) -> str:
     return "tiny" if cfg.tiny else "quick" if cfg.quick else "full"
 
 
+#: The time budget of each scale, CPU seconds of one core (the quick run: 3 minutes, the full run: 10),
+#: that the demo's closing line and report.md hold the run against. The default methods only: a
+#: quick run with methods=all runs more stages.
+BUDGET_SECONDS: dict[str, float] = {"quick": 180, "full": 600}
+
+
+def budget_line(scale: str, methods_default: bool, cpu_s: float) -> str:
+    """How a run's CPU seconds compare with its scale's budget (empty when it has none)."""
+    budget = BUDGET_SECONDS.get(scale)
+    if budget is None:
+        return ""
+    if not methods_default:
+        return f"budget {budget:.0f} s of CPU for the default methods; this run chose its own"
+    return f"{'within' if cpu_s <= budget else 'OVER'} the {scale} budget of {budget:.0f} s of CPU"
+
+
 #: Typical CPU seconds of each stage on one core of this project's 2-core development machine (AMD
 #: EPYC, AVX2; measured while another run shared the machine); the stage runner scales them by this
 #: run's pace for its ETA. A stage missing here turns the ETA off.

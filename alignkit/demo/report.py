@@ -8,6 +8,8 @@ from pathlib import Path
 
 from alignkit.eval.report import Column, fmt, fmt_ci, fmt_diff, policy_table, reward_model_table, timing_table, write_report
 
+from .config import budget_line
+
 #: The policy table's columns, each defined under the table.
 POLICY_COLUMNS = [
     Column("gold_reward", "gold reward",
@@ -227,6 +229,10 @@ def markdown(report: dict, title: str) -> str:
     lines += [f"- Expected: {c['expected']}. Measured: {c['text']}" for c in missed] or ["- none: every expected effect appeared."]
     lines += environment_lines(report.get("environment"))
     lines += ["", "## Time per stage", ""] + timing_table(report["timings_s"], report.get("cpu_s"))
+    budget = budget_line(report.get("scale", ""), report.get("methods_default", False),
+                         (report.get("cpu_s") or {}).get("total", 0.0))
+    if budget:
+        lines += ["", f"{report.get('cpu_s', {}).get('total', 0):.0f} s of CPU in all: {budget}."]
     lines += ["", "Plots: `frontier.png` (gold reward against KL to SFT, with intervals; hollow squares are best-of-N's "
               "analytic KL, filled circles KL estimated from samples), `training_curves.png` (the gold reward of the RL "
               "stages' rollouts, the loss of the others).", ""]

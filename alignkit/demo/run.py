@@ -10,7 +10,7 @@ import torch
 
 from .methods import (best_of_n, dpo, grpo, ipo, kto, ppo, ppo_ptx, ppo_safety_constrained, rejection_sampling,
                       rloo)
-from .config import STAGE_SECONDS, DemoConfig, report_scale, scale_of
+from .config import STAGE_SECONDS, DemoConfig, budget_line, report_scale, scale_of
 from .context import Context, Stages
 from .critic import critic_stage
 from .evaluate import evaluate
@@ -136,6 +136,7 @@ def _run_once(cfg: DemoConfig) -> dict:
         "comparisons": scored["comparisons"],
         "timings_s": {**stages.timings, "total": round(time.perf_counter() - t0, 2)},
         "cpu_s": {**stages.cpu, "total": round(time.process_time() - c0, 2)},
+        "methods_default": cfg.methods == "default",
         "world": ctx.world.summary(),
         "labels": ctx.extra.get("labels", {}),
         "model_parameters": ctx.extra.get("model_parameters"),
@@ -143,6 +144,7 @@ def _run_once(cfg: DemoConfig) -> dict:
     }
     title = f"alignkit demo report (seed {cfg.seed}{', quick' if cfg.quick else ''})"
     write(report, out, ctx.curves, title)
+    budget = budget_line(report["scale"], report["methods_default"], report["cpu_s"]["total"])
     print(f"\n[demo] done in {report['timings_s']['total']:.0f}s wall, {report['cpu_s']['total']:.0f}s CPU "
-          f"({report_scale(cfg)} scale; per stage in report.md): {out / 'report.md'}")
+          f"({report_scale(cfg)} scale{'; ' + budget if budget else ''}; per stage in report.md): {out / 'report.md'}")
     return report
