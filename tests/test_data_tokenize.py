@@ -226,3 +226,26 @@ def test_shuffled_ranking_pairs_render_each_response_once_and_equal_one_by_one(t
     same_reply = [(i, j) for i, j in itertools.combinations(range(len(items)), 2)
                   if pairs[i].prompt == pairs[j].prompt and pairs[i].chosen == pairs[j].chosen]
     assert same_reply and all(items[i]["chosen_ids"] is not items[j]["chosen_ids"] for i, j in same_reply)
+
+
+def test_encode_responses_takes_any_iterable_and_the_encoder_forgets_a_prompt_after_its_last_use(tok):
+    """encode_responses counts each prompt's uses before encoding: prompts given as an iterator
+    (spent by that count) still give one item per response, equal to the list's. The encoder
+    forgets a prompt and its replies at its last counted use, so its memory holds only prompts
+    still to come."""
+    from alignkit.data import encode_responses
+    from alignkit.data.tokenize import _Encoder
+
+    prompts = [[USER("question 1")], [USER("question 2")], [USER("question 1")]]
+    replies = ["one", "two", "one"]
+    want = encode_responses(tok, prompts, replies)
+    assert len(want) == 3 and want[0] == want[2]
+    assert encode_responses(tok, iter(prompts), replies) == want
+    enc = _Encoder(tok)
+    enc.expect(prompts)
+    for k, (p, r) in enumerate(zip(prompts, replies)):
+        enc.response(p, r)
+        enc.done(p)
+        if k == 1:  # question 1 has a use to come, question 2 none
+            assert len(enc._prompts) == 1 and len(enc._replies) == 1
+    assert enc._prompts == {} and enc._replies == {}

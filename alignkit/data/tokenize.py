@@ -534,6 +534,7 @@ def encode_responses(tokenizer, prompts: list[Messages], responses: list[str]) -
     """Token ids of each response to its prompt exactly as the training items hold them (before
     truncation): reply, end of turn and trailer."""
     enc = _Encoder(tokenizer)
+    prompts = list(prompts)  # counted first, then read again: an iterator would be spent by the count
     enc.expect(prompts)
     out = []
     for p, r in zip(prompts, responses):
