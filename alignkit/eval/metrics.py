@@ -28,7 +28,7 @@ def response_logprobs(model, prompt_ids, response_ids, pad_id: int, batch_size: 
     # Batches of similar lengths: sampled responses to prompts of many lengths padded in their own
     # order waste about a third of the forward pass on padding (demo held-out samples: 1.33x).
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(response_ids[i]))
-    out = torch.zeros(len(order))
+    out = torch.zeros(len(order), dtype=torch.float32, device="cpu")  # as before, whatever torch's defaults
     for i in range(0, len(order), batch_size):
         rows = order[i : i + batch_size]
         batch = _response_batch([prompt_ids[j] for j in rows], [response_ids[j] for j in rows], pad_id)
