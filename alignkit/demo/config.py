@@ -55,17 +55,19 @@ class Scale:
 
 #: Full. To fit 10 minutes of one core the model is 64 wide (96 before: the plain transformers step
 #: runs 1.6x faster, benchmarks/bench_demo_model.py), with 6 pretraining epochs (8), 2 reward-model
-#: epochs (3), 1 DPO/IPO/KTO epoch (1.5), one best-of-N draw per prompt (2) and 3 samples per
-#: held-out prompt (4; each policy's sampling, KL and NLL cost about 7 s, and there are 17 policies).
+#: epochs (3), 1 DPO/IPO/KTO epoch (1.5) and 3 samples per held-out prompt (4; each policy's sampling,
+#: KL and NLL cost about 7 s, and there are 17 policies). Best-of-N keeps 2 draws per prompt: with one
+#: (one response per prompt) its rates' intervals reached ±9 points.
 FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=8, eval_samples=3,
-             bon_draws=1, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
+             bon_draws=2, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
 #: Quick: the same model; 3 SFT samples per train prompt for the comparisons (4 before: 3 pairs per
 #: prompt instead of 6, so the reward models and DPO train on half the pairs) with 2 reward-model epochs
 #: (1.5), 2 held-out samples per prompt (3) and 0.75 DPO epochs (1), for 3 minutes of one core (seeds 0
-#: and 1: 144 and 151 s). Cheaper pretraining costs more: 3 pretraining epochs with 1 reward-model epoch
+#: and 1: 144 and 151 s with one best-of-N draw; two, for best-of-N intervals within about ±7 points,
+#: add about 5 s). Cheaper pretraining costs more: 3 pretraining epochs with 1 reward-model epoch
 #: dropped the reward models to 54-57% held-out accuracy and PPO below SFT (seed 0).
 QUICK = Scale(pretrain_epochs=4, sft_epochs=2, samples_per_prompt=3, rm_epochs=2, best_of_n=6, eval_samples=2,
-              bon_draws=1, dpo_epochs=0.75, rl_rollouts=10, rs_prompts=256, hidden_size=64)
+              bon_draws=2, dpo_epochs=0.75, rl_rollouts=10, rs_prompts=256, hidden_size=64)
 #: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.
 TINY = Scale(pretrain_epochs=0.2, sft_epochs=0.3, samples_per_prompt=2, rm_epochs=0.3, best_of_n=2, eval_samples=1,
              bon_draws=1, dpo_epochs=0.2, rs_prompts=32, rounds=2, rl_rollouts=2, constrained_rollouts=2,
