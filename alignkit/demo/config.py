@@ -18,8 +18,8 @@ class DemoConfig:
     """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
-    """A smaller, faster run (fewer steps and samples, one method per family): 137-161 s of one core of this
-    project's 2-core AVX2 machine, budget 180 s (the full run: 517-552 s, budget 600 s)."""
+    """A smaller, faster run (fewer steps and samples, one method per family): 164 s of one core of this project's
+    2-core AVX2 machine alone, budget 180 s (the full run: 528 s, budget 600 s; README.md, Time)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
     prompt): its figures mean nothing. Overrides --quick."""
@@ -104,18 +104,18 @@ def budget_line(scale: str, methods_default: bool, cpu_s: float) -> str:
 #: EPYC, AVX2; measured while another run shared the machine); the stage runner scales them by this
 #: run's pace for its ETA. A stage missing here turns the ETA off.
 STAGE_SECONDS: dict[str, dict[str, float]] = {
-    # quick (commit cf06b2c), CPU seconds: the default methods' stages are the mean of seeds 0-2 (two
-    # or three runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative rounds, PPO-ptx,
+    # quick (commit ad19903), CPU seconds: the default methods' stages are the mean of seeds 0-2 (two
+    # runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative rounds, PPO-ptx,
     # Safe-RLHF, RLOO and the critic (run with methods=all) are seed 0's, from `pytest -m demo`
-    "quick": {"pretraining": 47, "supervised fine-tuning": 4, "comparison data": 8, "reward models": 36,
-              "sample the SFT policy": 5, "best_of_n": 14, "dpo": 14, "ipo": 14, "kto": 15, "rejection_sampling": 11,
+    "quick": {"pretraining": 49, "supervised fine-tuning": 4, "comparison data": 9, "reward models": 39,
+              "sample the SFT policy": 5, "best_of_n": 29, "dpo": 14, "ipo": 14, "kto": 15, "rejection_sampling": 11,
               "iterative": 42, "ppo": 12, "ppo_ptx": 19, "ppo_safety_constrained": 26, "grpo": 11, "rloo": 12,
               "critic": 87, "gold-judge evaluation": 1},
-    # full, mean of seeds 0-2, CPU seconds (commit d16ca1b: the run docs/demo-report.json holds)
-    "full": {"pretraining": 71, "supervised fine-tuning": 4, "comparison data": 9, "reward models": 62,
-             "sample the SFT policy": 6, "best_of_n": 18, "dpo": 26, "ipo": 25, "kto": 19, "rejection_sampling": 25,
-             "iterative": 64, "ppo": 13, "ppo_ptx": 19, "ppo_safety_constrained": 34, "grpo": 14, "rloo": 14,
-             "critic": 113, "gold-judge evaluation": 3},
+    # full, mean of seeds 0-2, CPU seconds (commit ad19903: the run docs/demo-report.json holds)
+    "full": {"pretraining": 75, "supervised fine-tuning": 5, "comparison data": 10, "reward models": 67,
+             "sample the SFT policy": 6, "best_of_n": 39, "dpo": 28, "ipo": 28, "kto": 23, "rejection_sampling": 29,
+             "iterative": 76, "ppo": 16, "ppo_ptx": 22, "ppo_safety_constrained": 37, "grpo": 15, "rloo": 14,
+             "critic": 115, "gold-judge evaluation": 3},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
