@@ -64,8 +64,9 @@ FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2,
 #: prompt instead of 6, so the reward models and DPO train on half the pairs) with 2 reward-model epochs
 #: (1.5), 2 held-out samples per prompt (3) and 0.75 DPO epochs (1), for 3 minutes of one core (seeds 0
 #: and 1: 144 and 151 s with one best-of-N draw; two, for best-of-N intervals within about ±7 points,
-#: add about 12-15 s; alone, seed 0 took 164 s). Cheaper pretraining costs more: 3 pretraining epochs with 1 reward-model epoch
-#: dropped the reward models to 54-57% held-out accuracy and PPO below SFT (seed 0).
+#: add about 12-15 s; alone, seed 0 took 164 s). Cheaper pretraining costs more: 3 pretraining epochs
+#: with 1 reward-model epoch dropped the reward models to 54-57% held-out accuracy and PPO below SFT
+#: (seed 0).
 QUICK = Scale(pretrain_epochs=4, sft_epochs=2, samples_per_prompt=3, rm_epochs=2, best_of_n=6, eval_samples=2,
               bon_draws=2, dpo_epochs=0.75, rl_rollouts=10, rs_prompts=256, hidden_size=64)
 #: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.

@@ -302,7 +302,7 @@ def _best_of_n_critic(ctx, reward) -> None:
     prompts = ctx.world.prompts(split="heldout")
     n, draws = s.best_of_n, s.bon_draws
     msgs = [[{"role": "user", "content": p.text}] for p in prompts]
-    # The best_of_n stage's samples (same call, same seed): draws × N per prompt, consecutive.
+    # The best_of_n stage's samples (kept by sft_samples): draws × N per prompt, consecutive.
     # Only the first CRITIC_DRAWS blocks of N are critiqued, to bound the cost of generation.
     gens = sft_samples(ctx, n * draws)
     keep = min(CRITIC_DRAWS, draws)

@@ -61,7 +61,8 @@ def iterative(ctx: Context) -> None:
 
     for rec in run_rounds(ctx.out / "iterative", ctx.sft_dir, ctx.scale.rounds, collect, train_rewards, optimise):
         name = f"iterative/round{rec.round}"
-        if Path(rec.policy_dir).resolve() == (ctx.out / "rejection_sampling").resolve() and "rejection_sampling" in ctx.policies:
+        reused = Path(rec.policy_dir).resolve() == (ctx.out / "rejection_sampling").resolve()
+        if reused and "rejection_sampling" in ctx.policies:
             # Round 1 is the rejection_sampling method's policy, already sampled with the same seed.
             ctx.policies[name] = dict(ctx.policies["rejection_sampling"])
         else:
