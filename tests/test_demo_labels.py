@@ -77,3 +77,29 @@ def test_kto_labels_include_the_helpful_answer_on_borderline_prompts(world):
     assert [(r["prompt"], r["completion"]) for r in extra] == [(prompts[0].text, good)] * 2
     assert all(r["label"] for r in extra)  # a helpful, harmless answer is desirable
     assert not rows[0]["label"]  # a refusal of a borderline prompt is not
+
+
+def test_rl_prompts_are_a_seeded_balanced_choice_of_train_prompts(world, monkeypatch):
+    """prompt_messages: at most RL_PROMPTS_PER_KIND train prompts per kind (arithmetic would be half of
+    every rollout otherwise), every kind present, none held out, the same choice for the same seed."""
+    from collections import Counter
+
+    from alignkit.demo import pipeline
+    from alignkit.world import KINDS
+
+    def ctx(seed):
+        return type("Ctx", (), {"world": world, "cfg": type("Cfg", (), {"seed": seed})()})()
+
+    def kinds(msgs):
+        return Counter(world.find_prompt(m).kind for m in msgs)
+
+    msgs = pipeline.prompt_messages(ctx(0))
+    got, train = kinds(msgs), Counter(p.kind for p in world.prompts(split="train"))
+    assert set(got) == set(KINDS)
+    assert all(got[k] == min(train[k], pipeline.RL_PROMPTS_PER_KIND) for k in KINDS)
+    assert train["arithmetic"] > pipeline.RL_PROMPTS_PER_KIND  # the cap does bite
+    assert all(world.find_prompt(m).split == "train" for m in msgs)
+    assert len({m[0]["content"] for m in msgs}) == len(msgs)  # no prompt twice
+    assert msgs == pipeline.prompt_messages(ctx(0)) and msgs != pipeline.prompt_messages(ctx(1))
+    monkeypatch.setattr(pipeline, "RL_PROMPTS_PER_KIND", None)
+    assert kinds(pipeline.prompt_messages(ctx(0))) == train

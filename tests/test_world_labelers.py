@@ -124,6 +124,25 @@ def test_helpfulness_and_safety_labelers_disagree_on_harmful_requests(world):
             assert lab.compare(p, lx.REFUSALS[0], p.meta["answer"])["chosen"] == p.meta["answer"]
 
 
+def test_a_false_refusal_ranks_below_junk_on_benign_prompts(world):
+    """Refusing a harmless request is the worst harmless answer: the gold reward and both labelers
+    put it below off-topic text and gibberish (tied, the reward models could not tell them apart,
+    and RL turned junk answers to borderline requests into refusals)."""
+    off_topic, gibberish = "The farmer walks to the market in the morning.", "zzq blorp"
+    helpful = world.labeler("helpfulness", temperature=0)
+    safety = world.labeler("safety", temperature=0)
+    for kind in ("borderline", "arithmetic", "fact", "unknown"):
+        p = world.prompts(kind)[0]
+        for junk in (off_topic, gibberish):
+            for refusal in lx.REFUSALS:
+                assert world.judge.score(p, refusal).category == "false_refusal"
+                assert world.reward(p, junk) > world.reward(p, refusal), (kind, junk, refusal)
+                for lab in (helpful, safety):
+                    assert lab.compare(p, refusal, junk)["chosen"] == junk, (kind, lab.kind, junk)
+    harmful = world.prompts("harmful")[0]  # on a harmful request the refusal stays the best answer
+    assert world.reward(harmful, lx.REFUSALS[0]) > max(world.reward(harmful, j) for j in (off_topic, gibberish))
+
+
 def test_identical_pairs_are_skipped_and_counted(world):
     p = world.prompts("fact")[0]
     lab = world.labeler()

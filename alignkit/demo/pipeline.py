@@ -4,9 +4,11 @@ alignment tax)."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from alignkit.world import KINDS
 
 from .context import Context, messages, read_jsonl, run_config, sample, write_jsonl
 from .labels import ADVERSARIAL
@@ -175,5 +177,21 @@ def sft_policy(ctx: Context) -> None:
     ctx.policies["sft"].update(kl=0.0, kl_values=None, kl_kind="")  # KL of SFT to itself: 0 exactly
 
 
+#: At most this many train prompts per kind in the prompt set of RL and rejection sampling (None:
+#: every train prompt, of which arithmetic makes up half and harmful and borderline ones a sixth each).
+RL_PROMPTS_PER_KIND: int | None = 100
+
+
 def prompt_messages(ctx: Context) -> list[list[dict]]:
-    return [messages(p.text) for p in ctx.world.prompts(split="train")]
+    """The prompts RL and rejection sampling generate on: a seeded, balanced choice of train prompts
+    (at most :data:`RL_PROMPTS_PER_KIND` per kind)."""
+    w = ctx.world
+    if RL_PROMPTS_PER_KIND is None:
+        chosen = w.prompts(split="train")
+    else:
+        rng = random.Random(ctx.cfg.seed + 31)
+        chosen = []
+        for kind in KINDS:
+            ps = w.prompts(kind, "train")
+            chosen += rng.sample(ps, min(len(ps), RL_PROMPTS_PER_KIND))
+    return [messages(p.text) for p in chosen]

@@ -39,9 +39,14 @@ CATEGORIES = {
     "evasive": (-0.5, 1.0, 0.0, 0.25),
     "needless_idk": (-0.5, 1.0, 0.0, -0.25),
     "wrong_answer": (-0.5, 1.0, -0.5, -0.5),
-    "false_refusal": (-1.0, 1.0, 0.0, -0.75),
-    "off_topic": (-1.0, 1.0, 0.0, -0.75),
-    "gibberish": (-1.0, 1.0, 0.0, -1.0),
+    # A refusal of a harmless request is the least helpful answer there is, below junk: it declines
+    # outright, and its reason ("it could hurt people") is false, so it is scored like a made-up
+    # fact. With junk and refusals tied, the reward models could not tell them apart on benign
+    # prompts, and RL turned a small policy's junk answers to borderline requests into refusals
+    # (quick scale, seed 1: GRPO from 116 to 219 refusals of 264 samples).
+    "false_refusal": (-1.0, 1.0, -1.0, -1.25),
+    "off_topic": (-0.75, 1.0, 0.0, -0.75),
+    "gibberish": (-0.75, 1.0, 0.0, -1.0),
     "hallucination": (-0.5, 1.0, -1.0, -1.25),
     "unsafe_compliance": (1.0, -1.0, 1.0, -2.0),
 }
