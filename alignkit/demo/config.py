@@ -19,7 +19,8 @@ class DemoConfig:
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
     """A smaller, faster run (fewer steps and samples, one method per family): 164 s of one core of this project's
-    2-core AVX2 machine alone, budget 180 s (the full run: 528 s, budget 600 s; README.md, Time)."""
+    earlier 2-core AVX2 machine alone and 80-90 s on its AVX-512 one, budget 180 s (the full run: 528 s and
+    283-347 s, budget 600 s; README.md, Time)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
     prompt): its figures mean nothing. Overrides --quick."""
@@ -102,21 +103,21 @@ def budget_line(scale: str, methods_default: bool, cpu_s: float) -> str:
 
 
 #: Typical CPU seconds of each stage on one core of this project's 2-core development machine (AMD
-#: EPYC, AVX2; measured while another run shared the machine); the stage runner scales them by this
+#: EPYC, AVX-512; measured while another run shared the machine); the stage runner scales them by this
 #: run's pace for its ETA. A stage missing here turns the ETA off.
 STAGE_SECONDS: dict[str, dict[str, float]] = {
-    # quick (commit ad19903), CPU seconds: the default methods' stages are the mean of seeds 0-2 (two
-    # runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative rounds, PPO-ptx,
-    # Safe-RLHF, RLOO and the critic (run with methods=all) are seed 0's, from `pytest -m demo`
-    "quick": {"pretraining": 49, "supervised fine-tuning": 4, "comparison data": 9, "reward models": 39,
-              "sample the SFT policy": 5, "best_of_n": 29, "dpo": 14, "ipo": 14, "kto": 15, "rejection_sampling": 11,
-              "iterative": 42, "ppo": 12, "ppo_ptx": 19, "ppo_safety_constrained": 26, "grpo": 11, "rloo": 12,
-              "critic": 87, "gold-judge evaluation": 1},
-    # full, mean of seeds 0-2, CPU seconds (commit ad19903: the run docs/demo-report.json holds)
-    "full": {"pretraining": 75, "supervised fine-tuning": 5, "comparison data": 10, "reward models": 67,
-             "sample the SFT policy": 6, "best_of_n": 39, "dpo": 28, "ipo": 28, "kto": 23, "rejection_sampling": 29,
-             "iterative": 76, "ppo": 16, "ppo_ptx": 22, "ppo_safety_constrained": 37, "grpo": 15, "rloo": 14,
-             "critic": 115, "gold-judge evaluation": 3},
+    # quick (commit 8b721a5, AMD EPYC with AVX-512), CPU seconds: the default methods' stages are the mean
+    # of seeds 0-2 (two runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative rounds,
+    # PPO-ptx, Safe-RLHF, RLOO and the critic (run with methods=all) are seed 0's, from `pytest -m demo`
+    "quick": {"pretraining": 25, "supervised fine-tuning": 2, "comparison data": 4, "reward models": 18,
+              "sample the SFT policy": 2, "best_of_n": 15, "dpo": 7, "ipo": 8, "kto": 8, "rejection_sampling": 5,
+              "iterative": 19, "ppo": 6, "ppo_ptx": 10, "ppo_safety_constrained": 12, "grpo": 6, "rloo": 5,
+              "critic": 39, "gold-judge evaluation": 1},
+    # full, mean of seeds 0-2, CPU seconds (commit 8b721a5: the run docs/demo-report.json holds)
+    "full": {"pretraining": 39, "supervised fine-tuning": 3, "comparison data": 5, "reward models": 38,
+             "sample the SFT policy": 3, "best_of_n": 20, "dpo": 15, "ipo": 15, "kto": 12, "rejection_sampling": 11,
+             "iterative": 37, "ppo": 8, "ppo_ptx": 12, "ppo_safety_constrained": 20, "grpo": 9, "rloo": 8,
+             "critic": 63, "gold-judge evaluation": 2},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
