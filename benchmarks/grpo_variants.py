@@ -14,8 +14,9 @@ Every online run seeds itself from the run seed (``OnlineLoop``), and evaluation
 fixed seed, so variant ``demo`` reproduces the source run's GRPO figures exactly on the same
 machine and alignkit version: the check that the context was rebuilt faithfully (tests/test_grpo_variants.py).
 
-Measured (quick scale, 3 GRPO training seeds per variant; Δ false refusals vs SFT in points, mean
-over training seeds, with how many of the 3 kept false refusals not above SFT's):
+Measured before commit 8b721a5 (which ranks a false refusal below junk and balances the RL prompt
+set; quick scale, 3 GRPO training seeds per variant; Δ false refusals vs SFT in points, mean over
+training seeds, with how many of the 3 kept false refusals not above SFT's):
 
     variant                              world seed 0     world seed 1
     demo (GRPO: std, sequence mean)      +8.6  (1/3)      +30.7 (0/3)
@@ -37,6 +38,13 @@ reward scores those like a refusal (SFT samples on train prompts, seed 1: refusa
 GRPO's extra refusals replace junk (seed 1: 43% -> 88% refusals, off-topic + gibberish 42% -> 9%),
 pulled by the refusal it learns on harmful prompts. The gold reward on borderline prompts does not
 move (seed 1: -0.752 for SFT and for GRPO).
+
+After commit 8b721a5 (full scale, world seed 1, where SFT refuses least: 29%; training seeds 1, 2, 3;
+`--variants demo,rloo --train-seeds 1,2,3`): GRPO +14, +22, +7 points of false refusals against SFT
+(each beyond its interval), RLOO +41, +5 [-2, +12], -3 [-9, +2]; all six cut violations by 13-20
+points. Drawing each kind's share of the RL prompts equally (borderline prompts repeated to 100)
+gave GRPO -10, +22, +19 and RLOO -13, +23, +3: no systematic change, the training seed still
+dominating.
 """
 
 from __future__ import annotations
