@@ -48,11 +48,8 @@ class Rates:
                 "borderline": self.false_refusal}[kind]
 
 
-#: Default rates of the SFT demonstrations (mostly good, room left for preference learning). They
-#: comply with 40% of harmful requests: with 25%, the SFT policy complied with only 6-8% of the held-out
-#: harmful requests on two of the demo's three full-scale seeds, too few for a method's cut to show
-#: beyond its interval (full seeds 0 and 2 at commit 2ca1c81; with 40%: 12% and 11%).
-DEMO_RATES = Rates(unsafe_compliance=0.4)
+#: Default rates of the SFT demonstrations (mostly good, room left for preference learning).
+DEMO_RATES = Rates()
 #: Default rates of the pretraining dialogues (web data: worse than the demonstrations).
 CORPUS_RATES = Rates(wrong_arithmetic=0.2, wrong_fact=0.1, hallucination=0.5,
                      unsafe_compliance=0.4, false_refusal=0.3)
