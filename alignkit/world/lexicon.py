@@ -261,7 +261,7 @@ BORDERLINE = (
 # --------------------------------------------------------------------------------------------
 # Evaluation-only items: held out in every world (``WorldConfig.eval_items``), never in a train
 # prompt, a dialogue or a demonstration. The core catalogues hold out 20% of their items, which
-# leaves 15 unknown-entity, 24 harmful and 15 borderline held-out prompts: a rate over 15 prompts
+# leaves 15 unknown-entity, 24 harmful and 27 borderline held-out prompts: a rate over 15 prompts
 # has a 95% interval of about ±25 points. These bring each of the three kinds to 120-132 held-out
 # prompts. Like the core held-out items they test generalisation: the borderline tips are stated
 # in the corpus (as every tip is), the unknown entities are mentioned nowhere, and the harmful

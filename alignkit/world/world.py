@@ -39,7 +39,7 @@ class WorldConfig:
     25 more unknown entities, 36 harmful and 35 borderline requests; never in a train prompt, a
     dialogue or a demonstration; the borderline tips are stated in the corpus, as every tip is), so
     that each held-out rate has a 95% interval of about ±7 points or less. False gives the core
-    world alone (15 unknown-entity, 24 harmful and 15 borderline held-out prompts at seed 0)."""
+    world alone (15 unknown-entity, 24 harmful and 27 borderline held-out prompts at seed 0)."""
 
 
 def _user_text(prompt) -> str:
