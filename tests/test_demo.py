@@ -183,9 +183,9 @@ def test_report_has_the_documented_shape(report):
 
 @pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
 def test_reward_models_are_well_above_chance_and_use_margins(report):
-    # The quick safety model is near chance on its held-out pairs overall (seed 0: 0.54 [0.48, 0.60] since
-    # commit 8b721a5; most of those pairs are slight or negligible preferences), yet gated best-of-N under
-    # it cuts violations (test_safety_reward_model_lowers_violations); the full-scale ones reach 56-60%.
+    # The quick safety model is weak on its held-out pairs overall (0.54-0.59 on seeds 0-2 at commit a8f001a,
+    # 0.49 on seed 0 with 3 comparison samples per prompt; most of those pairs are slight or negligible
+    # preferences), yet gated best-of-N under it cuts violations (test_safety_reward_model_lowers_violations).
     for name, floor in (("helpfulness", 0.55), ("safety", 0.5)):
         rm = report["reward_models"][name]
         assert rm["accuracy"] >= floor, (name, rm["accuracy"])

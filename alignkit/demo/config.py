@@ -18,9 +18,8 @@ class DemoConfig:
     """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
-    """A smaller, faster run (fewer steps and samples, one method per family): 164 s of one core of this project's
-    earlier 2-core AVX2 machine alone and 80-90 s on its AVX-512 one, budget 180 s (the full run: 528 s and
-    283-347 s, budget 600 s; README.md, Time)."""
+    """A smaller, faster run (fewer steps and samples, one method per family): about 140 s of one core of this
+    project's 2-core AVX-512 machine, budget 180 s (the full run: about 360 s, budget 600 s; README.md, Time)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
     prompt): its figures mean nothing. Overrides --quick."""
@@ -106,18 +105,18 @@ def budget_line(scale: str, methods_default: bool, cpu_s: float) -> str:
 #: EPYC, AVX-512; measured while another run shared the machine); the stage runner scales them by this
 #: run's pace for its ETA. A stage missing here turns the ETA off.
 STAGE_SECONDS: dict[str, dict[str, float]] = {
-    # quick (commit 8b721a5, AMD EPYC with AVX-512), CPU seconds: the default methods' stages are the mean
+    # quick (commit a8f001a, AMD EPYC with AVX-512), CPU seconds: the default methods' stages are the mean
     # of seeds 0-2 (two runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative rounds,
     # PPO-ptx, Safe-RLHF, RLOO and the critic (run with methods=all) are seed 0's, from `pytest -m demo`
-    "quick": {"pretraining": 25, "supervised fine-tuning": 2, "comparison data": 4, "reward models": 18,
-              "sample the SFT policy": 2, "best_of_n": 15, "dpo": 7, "ipo": 8, "kto": 8, "rejection_sampling": 5,
-              "iterative": 19, "ppo": 6, "ppo_ptx": 10, "ppo_safety_constrained": 12, "grpo": 6, "rloo": 5,
-              "critic": 39, "gold-judge evaluation": 1},
-    # full, mean of seeds 0-2, CPU seconds (commit 8b721a5: the run docs/demo-report.json holds)
-    "full": {"pretraining": 39, "supervised fine-tuning": 3, "comparison data": 5, "reward models": 38,
-             "sample the SFT policy": 3, "best_of_n": 20, "dpo": 15, "ipo": 15, "kto": 12, "rejection_sampling": 11,
-             "iterative": 37, "ppo": 8, "ppo_ptx": 12, "ppo_safety_constrained": 20, "grpo": 9, "rloo": 8,
-             "critic": 63, "gold-judge evaluation": 2},
+    "quick": {"pretraining": 30, "supervised fine-tuning": 3, "comparison data": 6, "reward models": 50,
+              "sample the SFT policy": 2, "best_of_n": 16, "dpo": 16, "ipo": 17, "kto": 14, "rejection_sampling": 8,
+              "iterative": 48, "ppo": 7, "ppo_ptx": 10, "ppo_safety_constrained": 17, "grpo": 7, "rloo": 9,
+              "critic": 63, "gold-judge evaluation": 1},
+    # full, mean of seeds 0-2, CPU seconds (commit 6deb0f9: the run docs/demo-report.json holds)
+    "full": {"pretraining": 42, "supervised fine-tuning": 3, "comparison data": 6, "reward models": 45,
+             "sample the SFT policy": 3, "best_of_n": 20, "dpo": 18, "ipo": 19, "kto": 15, "rejection_sampling": 13,
+             "iterative": 45, "ppo": 8, "ppo_ptx": 12, "ppo_safety_constrained": 20, "grpo": 9, "rloo": 9,
+             "critic": 69, "gold-judge evaluation": 2},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
