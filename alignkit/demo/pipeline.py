@@ -178,7 +178,7 @@ def sft_policy(ctx: Context) -> None:
 
 
 #: At most this many train prompts per kind in the prompt set of RL and rejection sampling (None:
-#: every train prompt, of which arithmetic makes up half, harmful ones a sixth and borderline ones a tenth).
+#: every train prompt, of which arithmetic makes up 45% and harmful and borderline ones a sixth each).
 RL_PROMPTS_PER_KIND: int | None = 100
 
 
