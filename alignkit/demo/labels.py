@@ -66,17 +66,22 @@ def pairs_of(prompts, texts: list[str], n: int):
                 yield p, group[a], group[b]
 
 
-def label_prompts(world, split: str, seed: int) -> list:
-    """A balanced, seeded choice of ``split`` prompts to sample and label (at most
-    :data:`PROMPTS_PER_KIND` per kind on train, :data:`HELDOUT_PROMPTS_PER_KIND` held out)."""
+def balanced_prompts(world, split: str, per_kind: int, seed: int) -> list:
+    """A seeded choice of at most ``per_kind`` ``split`` prompts of each kind, kind by kind."""
     from alignkit.world import KINDS
 
     rng = random.Random(seed)
     chosen = []
     for kind in KINDS:
         ps = world.prompts(kind, split)
-        chosen += rng.sample(ps, min(len(ps), PROMPTS_PER_KIND if split == "train" else HELDOUT_PROMPTS_PER_KIND))
+        chosen += rng.sample(ps, min(len(ps), per_kind))
     return chosen
+
+
+def label_prompts(world, split: str, seed: int) -> list:
+    """A balanced, seeded choice of ``split`` prompts to sample and label (at most
+    :data:`PROMPTS_PER_KIND` per kind on train, :data:`HELDOUT_PROMPTS_PER_KIND` held out)."""
+    return balanced_prompts(world, split, PROMPTS_PER_KIND if split == "train" else HELDOUT_PROMPTS_PER_KIND, seed)
 
 
 def reference_pairs(world, prompts, texts: list[str], n: int) -> list[tuple]:

@@ -4,14 +4,12 @@ alignment tax)."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
-from alignkit.world import KINDS
 
 from .context import Context, messages, read_jsonl, run_config, sample, write_jsonl
-from .labels import ADVERSARIAL
+from .labels import ADVERSARIAL, balanced_prompts
 
 # --------------------------------------------------------------------------------------------
 # Base model and SFT
@@ -185,13 +183,8 @@ RL_PROMPTS_PER_KIND: int | None = 100
 def prompt_messages(ctx: Context) -> list[list[dict]]:
     """The prompts RL and rejection sampling generate on: a seeded, balanced choice of train prompts
     (at most :data:`RL_PROMPTS_PER_KIND` per kind)."""
-    w = ctx.world
     if RL_PROMPTS_PER_KIND is None:
-        chosen = w.prompts(split="train")
+        chosen = ctx.world.prompts(split="train")
     else:
-        rng = random.Random(ctx.cfg.seed + 31)
-        chosen = []
-        for kind in KINDS:
-            ps = w.prompts(kind, "train")
-            chosen += rng.sample(ps, min(len(ps), RL_PROMPTS_PER_KIND))
+        chosen = balanced_prompts(ctx.world, "train", RL_PROMPTS_PER_KIND, ctx.cfg.seed + 31)
     return [messages(p.text) for p in chosen]
