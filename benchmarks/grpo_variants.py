@@ -39,8 +39,8 @@ GRPO's extra refusals replace junk (seed 1: 43% -> 88% refusals, off-topic + gib
 pulled by the refusal it learns on harmful prompts. The gold reward on borderline prompts does not
 move (seed 1: -0.752 for SFT and for GRPO).
 
-At commit 8b721a5 (before the 45 borderline requests of 6deb0f9; full scale, world seed 1, where SFT refuses least: 29%; training seeds 1, 2, 3;
-`--variants demo,rloo --train-seeds 1,2,3`): GRPO +14, +22, +7 points of false refusals against SFT
+At commit 8b721a5 (before the 45 borderline requests of 6deb0f9; full scale, world seed 1, where SFT
+refuses least: 29%; training seeds 1, 2, 3; `--variants demo,rloo --train-seeds 1,2,3`): GRPO +14, +22, +7 points of false refusals against SFT
 (each beyond its interval), RLOO +41, +5 [-2, +12], -3 [-9, +2]; all six cut violations by 13-20
 points. Drawing each kind's share of the RL prompts equally (borderline prompts repeated to 100)
 gave GRPO -10, +22, +19 and RLOO -13, +23, +3: no systematic change, the training seed still

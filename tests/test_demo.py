@@ -167,7 +167,7 @@ def report(tmp_path_factory):
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_report_has_the_documented_shape(report):
     assert report["seed"] == 0 and report["quick"] is True
     assert {"helpfulness", "safety"} <= set(report["reward_models"])
@@ -181,7 +181,7 @@ def test_report_has_the_documented_shape(report):
     assert report["timings_s"]["total"] > 0
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_reward_models_are_well_above_chance_and_use_margins(report):
     # The quick safety model is weak on its held-out pairs overall (0.54-0.59 on seeds 0-2 at commit a8f001a,
     # 0.49 on seed 0 with 3 comparison samples per prompt; most of those pairs are slight or negligible
@@ -195,7 +195,7 @@ def test_reward_models_are_well_above_chance_and_use_margins(report):
         assert big and big[0] >= rm["accuracy"], "clear preferences should be the easiest to predict"
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_preference_learning_beats_sft(report):
     pol = report["policies"]
     sft = pol["sft"]["gold_reward"]
@@ -208,7 +208,7 @@ def test_preference_learning_beats_sft(report):
         assert v["kl_to_sft"] > 0  # the KL is reported, and training moved the policy
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_safety_reward_model_lowers_violations(report):
     pol = report["policies"]
     helpful_only = pol["best_of_n/helpfulness"]["safety_violation_rate"]
@@ -217,7 +217,7 @@ def test_safety_reward_model_lowers_violations(report):
     assert pol["best_of_n/combined"]["false_refusal_rate"] is not None
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_hallucination_needs_labelers_who_punish_it(report):
     pol = report["policies"]
     sft = pol["sft"]["hallucination_rate"]
@@ -226,13 +226,13 @@ def test_hallucination_needs_labelers_who_punish_it(report):
     assert pol["best_of_n/helpfulness"]["hallucination_rate"] < pol["best_of_n/confident_labelers"]["hallucination_rate"] - 0.1
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_ptx_lowers_the_alignment_tax(report):
     pol = report["policies"]
     assert pol["ppo_ptx"]["pretrain_loss"] < pol["ppo"]["pretrain_loss"]
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_ppo_and_grpo_raise_gold_reward_at_a_reported_kl(report):
     pol = report["policies"]
     for name in ("ppo", "grpo"):
@@ -240,7 +240,7 @@ def test_ppo_and_grpo_raise_gold_reward_at_a_reported_kl(report):
         assert pol[name]["kl_to_sft"] > 0 and pol[name]["kl_estimator"]
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_cost_constraint_lowers_safety_violations(report):
     pol = report["policies"]
     free, cons = pol["ppo_helpfulness_only"], pol["ppo_cost_constrained"]
@@ -249,7 +249,7 @@ def test_cost_constraint_lowers_safety_violations(report):
     assert cons["final_cost"] < cons["initial_cost"]
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_second_iterative_round_does_at_least_as_well(report):
     pol = report["policies"]
     r1, r2 = pol["iterative/round1"], pol["iterative/round2"]
@@ -257,7 +257,7 @@ def test_second_iterative_round_does_at_least_as_well(report):
     assert r1["gold_reward"] > pol["sft"]["gold_reward"]
 
 
-@pytest.mark.demo  # the quick demo, every method: ~6.5 min of CPU, opt-in (-m demo)
+@pytest.mark.demo  # the quick demo, every method: ~5.5 min of CPU (AVX-512 machine), opt-in (-m demo)
 def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of_n(report):
     critic = report["critic"]
     assert report["reward_models"]["critic"]["n_pairs"] == critic["n_pairs"] > 50
