@@ -10,6 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's references are exact CPU computations (float64, or float32 with bounds set by the
+# CPU's kernels), and a visible GPU would move every trainer onto it (bf16 under
+# mixed_precision=auto). So the suite hides GPUs unless ALIGNKIT_TEST_GPU=1, which runs
+# tests/test_gpu.py there (README, Tests on a GPU). Before torch starts CUDA, which reads it once.
+if os.environ.get("ALIGNKIT_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import torch  # noqa: E402
 

@@ -17,6 +17,14 @@ functions and batch functions (the ones the trainers run):
 against the same quantities summed over one unpadded forward per sequence. Float64 models, so
 "equal" means 1e-5 absolute (float32 cannot resolve 1e-5 on sums near −100).
 
+On a GPU: ``ALIGNKIT_TEST_GPU=1 ALIGNKIT_CONFORMANCE_DEVICE=cuda`` runs the numerical tests
+there (models, batches and references on that device; the first variable lets the suite see the
+GPU: tests/conftest.py), and ``ALIGNKIT_CONFORMANCE_DTYPE=float32`` in float32, where
+the attention kernels of a GPU differ from the CPU's (sdpa takes its fused kernels in float32,
+never in float64). Float32 "equal" is 1e-3 (absolute on the log-probs, relative on the
+gradients): rounding stays near 1e-5, while a dropped window or a leaked mask moves a log-prob
+by 0.1 or more.
+
 The SFT and DPO log-probs take the chunked path (hidden states through the output head a few
 rows at a time, custom backward: alignkit/linear_logps.py) on every family here; the tests
 assert it, and the chunks are made 4 rows long so that every batch spans several of them.
@@ -31,6 +39,7 @@ and bfloat16 masks stay finite; the real tokens never see padding either way).
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -47,6 +56,11 @@ from alignkit.train.rm import pairwise_batch_loss
 from alignkit.train.sft import build_sft_task, sft_batch_loss
 
 V, PAD, WINDOW = 101, 0, 8
+#: Where and in what precision the numerical tests run (module docstring): CPU float64 by default.
+DEVICE = torch.device(os.environ.get("ALIGNKIT_CONFORMANCE_DEVICE", "cpu"))
+DTYPE = getattr(torch, os.environ.get("ALIGNKIT_CONFORMANCE_DTYPE", "float64"))
+#: The tolerance of "equal" in that precision (module docstring).
+TOL = {torch.float64: 1e-5, torch.float32: 1e-3}[DTYPE]
 _LLAMA_LIKE = dict(intermediate_size=48, num_key_value_heads=1)
 #: Tiny configs: hidden 32, 2 layers (the first sliding, the second full where layers alternate).
 CONFIGS = {
@@ -79,7 +93,8 @@ def _cases(families, batchings):
 
 @functools.cache
 def _model(family: str, kind: str):
-    """A float64 tiny model of ``family``: ``lm`` (causal LM) or ``rm`` (one-output sequence classifier)."""
+    """A tiny model of ``family`` in ``DTYPE`` on ``DEVICE``: ``lm`` (causal LM) or ``rm`` (one-output
+    sequence classifier)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.for_model(family, vocab_size=V, hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
@@ -88,7 +103,7 @@ def _model(family: str, kind: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         auto = AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
-        return auto.from_config(config).double().eval()
+        return auto.from_config(config).to(DEVICE, DTYPE).eval()
 
 
 def _get(family: str, kind: str, attention: str):
@@ -117,6 +132,18 @@ def _grads(model) -> torch.Tensor:
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     return grads
+
+
+def _on_device(batch: dict) -> dict:
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+@pytest.fixture
+def on_device():
+    """Tensors made without a device (the references' inputs, the losses' constants) land on ``DEVICE``."""
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
 
 
 def _value_and_grads(model, loss_fn):
@@ -167,7 +194,7 @@ def _reference(family: str, attention: str, what: str):
 # ---- the batchings, through the trainers' own functions ------------------------------------------
 
 
-GRAD_TOL = dict(atol=1e-5, rtol=1e-5)
+GRAD_TOL = dict(atol=TOL, rtol=TOL)
 
 
 @pytest.fixture
@@ -181,14 +208,15 @@ def chunked(monkeypatch):
     return check
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("family,attention,batching", _cases(DECODERS, list(BATCHINGS)))
 def test_dpo_logps_and_gradients(family, attention, batching, chunked):
     model = _get(family, "lm", attention)
     chunked(model)
     check_batching(batching, model)  # accepted at start-up ...
     b = BATCHINGS[batching]
-    batch = b.collate(PAIRS, PAD)
-    batch["ref_logps"] = torch.zeros(2 * len(PAIRS), dtype=torch.float64)  # the reference's role is not tested here
+    batch = _on_device(b.collate(PAIRS, PAD))
+    batch["ref_logps"] = torch.zeros(2 * len(PAIRS), dtype=DTYPE)  # the reference's role is not tested here
     loss = dpo_batch_loss(DPOConfig(), b, reference=None)
 
     def run():
@@ -196,16 +224,17 @@ def test_dpo_logps_and_gradients(family, attention, batching, chunked):
 
     logps, grads = _value_and_grads(model, run)
     want_logps, want_grads = _reference(family, attention, "dpo")
-    torch.testing.assert_close(logps, want_logps, atol=1e-5, rtol=0)  # ... and exact
+    torch.testing.assert_close(logps, want_logps, atol=TOL, rtol=0)  # ... and exact
     torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("family,attention,batching", _cases(DECODERS, list(PAIR_COLLATES)))
 def test_reward_model_rewards_and_gradients(family, attention, batching):
     model = _get(family, "rm", attention)
     check_batching(batching, model)
     head = ScalarHead(model)
-    batch = PAIR_COLLATES[batching](PAIRS, PAD)
+    batch = _on_device(PAIR_COLLATES[batching](PAIRS, PAD))
     loss = pairwise_batch_loss(use_margin=False)
 
     def run():
@@ -213,17 +242,18 @@ def test_reward_model_rewards_and_gradients(family, attention, batching):
 
     rewards, grads = _value_and_grads(model, run)
     want_rewards, want_grads = _reference(family, attention, "rm")
-    torch.testing.assert_close(rewards, want_rewards, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, want_rewards, atol=TOL, rtol=0)
     torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("family,attention,batching", _cases(DECODERS, ["padded", "padding_free"]))
 def test_sft_nll_and_gradients(family, attention, batching, chunked):
     model = _get(family, "lm", attention)
     chunked(model)
     check_batching(batching, model)
     task = build_sft_task(SFT_ITEMS, [], PAD, padding_free=batching == "padding_free")
-    batch = task.collate(SFT_ITEMS)
+    batch = _on_device(task.collate(SFT_ITEMS))
 
     def run():
         nll = sft_batch_loss(model, batch)[0]
@@ -231,10 +261,11 @@ def test_sft_nll_and_gradients(family, attention, batching, chunked):
 
     nll, grads = _value_and_grads(model, run)
     want_nll, want_grads = _reference(family, attention, "sft")
-    torch.testing.assert_close(nll, want_nll, atol=1e-5, rtol=0)
+    torch.testing.assert_close(nll, want_nll, atol=TOL, rtol=0)
     torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("family", WINDOWED)
 def test_the_windows_matter_on_this_data(family):
     """Without its sliding window the model gives other log-probs here, so the tests above would
@@ -250,6 +281,7 @@ def test_the_windows_matter_on_this_data(family):
     assert (windowed - full).abs().max() > 1e-2
 
 
+@pytest.mark.usefixtures("on_device")
 def test_the_one_position_read_shortcut_runs_where_it_applies():
     """The reward tests above cover the last-MLP shortcut: it runs on the families with
     ``layers[-1].mlp`` and is skipped (everything computed) on the others."""
@@ -257,7 +289,7 @@ def test_the_one_position_read_shortcut_runs_where_it_applies():
     for family in DECODERS:
         head = ScalarHead(_get(family, "rm", "eager"))
         with torch.no_grad():
-            sequence_rewards(head, collate_pairs(PAIRS, PAD))
+            sequence_rewards(head, _on_device(collate_pairs(PAIRS, PAD)))
         used[family] = head.last_mlp_rows is not None
     assert used == {f: f not in ("gpt2", "opt") for f in DECODERS}
 
@@ -265,17 +297,18 @@ def test_the_one_position_read_shortcut_runs_where_it_applies():
 # ---- encoders: padded reward models, every other batching refused -----------------------------
 
 
+@pytest.mark.usefixtures("on_device")
 @pytest.mark.parametrize("family,attention", [(f, a) for f in ENCODERS for a in ("eager", "sdpa")
                                                if not (a == "sdpa" and f in NO_SDPA)])
 def test_encoder_reward_models_score_as_their_own_classifier(family, attention):
     model = _get(family, "rm", attention)
     head = ScalarHead(model)
     assert head.pooled
-    batch = collate_pairs(PAIRS, PAD)
+    batch = _on_device(collate_pairs(PAIRS, PAD))
     loss = pairwise_batch_loss(use_margin=False)
     rewards, grads = _value_and_grads(model, lambda: (loss(head, batch)[0], sequence_rewards(head, batch)))
     want_rewards, want_grads = _reference(family, attention, "rm")
-    torch.testing.assert_close(rewards, want_rewards, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, want_rewards, atol=TOL, rtol=0)
     torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
     with pytest.raises(ValueError, match="not a value at every position"):
         head_outputs(head, batch)

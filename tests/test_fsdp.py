@@ -308,6 +308,27 @@ def test_deepspeed_without_gpu_names_the_gpu(monkeypatch):
     assert "no CUDA GPU" in engine.deepspeed_unavailable()
 
 
+def test_an_fsdp_launch_on_a_torch_with_other_fsdp_internals_is_refused_before_loading(monkeypatch, tmp_path):
+    """torch 2.11 keeps one ``_fsdp_param_group`` per unit (seen on a GPU machine's torch): the
+    launch stops at once, naming the pinned torch, instead of after its training steps."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_state
+
+    from alignkit.config import RunConfig
+    from alignkit.train import engine
+
+    engine.check_fsdp_internals()  # this torch: the layout full_weights reads
+
+    class Older(_fsdp_state.FSDPState):
+        def __init__(self):
+            super().__init__()
+            del self._fsdp_param_groups  # 2.11 keeps one _fsdp_param_group instead
+
+    monkeypatch.setattr(_fsdp_state, "FSDPState", Older)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RuntimeError, match=r"no _fsdp_param_groups: install torch==2\.13\.0"):
+        engine.make_accelerator(RunConfig(output_dir=str(tmp_path), progress=False, report_to="jsonl"))
+
+
 @pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.stem)
 def test_shipped_deepspeed_settings_leave_accumulation_and_clipping_to_alignkit(path, monkeypatch):
     import yaml

@@ -23,6 +23,7 @@ from alignkit import linear_logps as chunked
 from alignkit.linear_logps import linear_logps
 from alignkit.models.heads import forward_logps, position_logps
 from alignkit.models.output_head import HEADS, HeadRule, head_refusal, logps_path, set_logps_path
+from alignkit.train.engine import enable_gradient_checkpointing
 
 V, H, PAD = 101, 32, 0
 
@@ -288,7 +289,7 @@ def test_gradient_checkpointing_and_lora_on_the_chunked_path(path):
 
     batch = _sft_batch()
     model = copy.deepcopy(_lm("llama_tied"))
-    model.activation_checkpointing_enable()
+    assert enable_gradient_checkpointing(model) == 1
     model.train()
     _assert_same(_on_both_paths(model, lambda: (forward_logps(model, batch)[0].sum(),), path))
     lora = get_peft_model(copy.deepcopy(_lm("llama")), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))

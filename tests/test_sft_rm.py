@@ -10,6 +10,7 @@ import torch
 
 from alignkit.cli import main
 from alignkit.config import ModelConfig, build_config
+from alignkit.train.engine import enable_gradient_checkpointing
 from alignkit.train.rm import RMConfig, run_rm
 from alignkit.train.sft import SFTConfig, run_sft
 
@@ -313,7 +314,7 @@ def test_reward_read_at_positions_skips_the_last_mlp_elsewhere_and_changes_nothi
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(wrapped_g, full_g))
     layers[-1] = original
     # with gradient checkpointing (the backward recomputes the layer) every position is computed
-    head.model.activation_checkpointing_enable()
+    assert enable_gradient_checkpointing(head.model) == 1
     head.train()
     ckpt_r, ckpt_g = rewards_and_grads(True)
     assert head.last_mlp_rows is None

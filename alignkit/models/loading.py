@@ -414,6 +414,7 @@ class Reference:
     @contextmanager
     def active(self):
         if self.mode == "copy":
+            self._follow_policy()
             yield self._copy
         else:
             with self._policy.disable_adapter(), torch.no_grad():
@@ -423,6 +424,19 @@ class Reference:
         if self._copy is not None:
             self._copy.to(device)
         return self
+
+    def _follow_policy(self):
+        """Move the copy to the policy's device if they differ. The trainers' own runs place it
+        with :meth:`to`, but a Python caller that builds a task and hands the policy to a
+        ``Trainer`` (which prepares it on the accelerator) would otherwise run a GPU batch
+        through a CPU reference. Not under FSDP, whose sharded parameters say nothing of where
+        a whole copy belongs."""
+        policy = next(iter(self._policy.parameters()), None)
+        mine = next(iter(self._copy.parameters()), None)
+        if policy is None or mine is None or _sharded(self._policy) or policy.device.type == "meta":
+            return
+        if mine.device != policy.device:
+            self._copy.to(policy.device)
 
 
 def _sharded(model) -> bool:

@@ -141,12 +141,21 @@ def packed_visibility(position_ids: Tensor) -> Tensor:
     return ((seq[:, :, None] == seq[:, None, :]) & causal)[:, None]  # (R, 1, N, N)
 
 
+def _at_positions(mask_function, position_ids: Tensor):
+    """``mask_function`` (of row indices) applied to the tokens' position ids instead. Here
+    rather than transformers' ``remap_positions_for_packed_sequence``, which only its newer
+    releases have (5.17 lacks it)."""
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return mask_function(batch_idx, head_idx, position_ids[batch_idx, q_idx], position_ids[batch_idx, kv_idx])
+
+    return inner
+
+
 def _build(attention: str, visible: Tensor, position_ids: Tensor | None, window: int | None, dtype: torch.dtype):
     """``visible`` in implementation ``attention``'s format, keys further than ``window`` positions
     behind the query hidden, through transformers' own mask builder for that implementation."""
-    from transformers.masking_utils import (
-        ALL_MASK_ATTENTION_FUNCTIONS, and_masks, remap_positions_for_packed_sequence, sliding_window_overlay,
-    )
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, and_masks, sliding_window_overlay
 
     def allowed(batch_idx, head_idx, q_idx, kv_idx):  # index-based, broadcast by the builder
         return visible[batch_idx, 0, q_idx, kv_idx]
@@ -155,7 +164,7 @@ def _build(attention: str, visible: Tensor, position_ids: Tensor | None, window:
     if window is not None:
         # The window counts positions in the sequence a token belongs to, not row indices: a
         # prefix-shared rejected token at position p sees prompt keys at p−window+1..p, as alone.
-        mask_function = and_masks(allowed, remap_positions_for_packed_sequence(sliding_window_overlay(window), position_ids))
+        mask_function = and_masks(allowed, _at_positions(sliding_window_overlay(window), position_ids))
     R, _, T, K = visible.shape
     return ALL_MASK_ATTENTION_FUNCTIONS[attention](
         batch_size=R, q_length=T, kv_length=K, mask_function=mask_function, allow_is_causal_skip=False,

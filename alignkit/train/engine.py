@@ -178,6 +178,25 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
+#: What :func:`full_weights` reads of FSDP 2's private state (torch 2.13, the pinned version).
+FSDP_STATE_FIELDS = ("_fsdp_param_groups", "_auto_reshard_after_forward")
+
+
+def check_fsdp_internals() -> None:
+    """Refuse an FSDP launch, before anything loads, on a torch whose FSDP 2 keeps its state
+    differently from the one :func:`full_weights` was written against: otherwise the run fails
+    at its first generation, evaluation or save, after its training steps (torch 2.11 keeps one
+    ``_fsdp_param_group`` per unit where 2.13 keeps a list)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    missing = [f for f in FSDP_STATE_FIELDS if not hasattr(FSDPState(), f)]
+    if missing:
+        raise RuntimeError(
+            f"FSDP: alignkit gathers sharded weights through FSDP 2's state as torch 2.13 keeps it "
+            f"({', '.join(FSDP_STATE_FIELDS)}), and this torch {torch.__version__} has no {', '.join(missing)}: "
+            "install torch==2.13.0, the version pyproject.toml pins (its CUDA build on a GPU: README, torch)")
+
+
 def _fsdp_on_cpu_state() -> None:
     """Make accelerate run FSDP on a CPU-only multi-process launch.
 
@@ -212,6 +231,8 @@ def make_accelerator(run: RunConfig, grad_accum: int = 1, model: torch.nn.Module
     from accelerate.utils import ProjectConfiguration
 
     check_deepspeed_launch()
+    if fsdp_requested():
+        check_fsdp_internals()
     memory = memory_setting(run.release_memory)
     mp, why = choose_mixed_precision(run.mixed_precision, model)
     trackers = []
