@@ -273,6 +273,32 @@ def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of
     assert d["low"] <= d["mean"] <= d["high"] and d["n"] > 400, d
 
 
+def test_a_readers_run_is_checked_against_the_readme_report(tmp_path):
+    """--check: each figure of another run against the README's prediction interval, and each
+    finding the README states; exit 1 when a stated finding did not hold on that run."""
+    from alignkit.demo.readme_table import check, main as readme_main
+
+    # README report: sft gold reward 0.2 ± 4.303·0.05·√(4/3) = [-0.048, 0.448]; rate 2% → [0, 7%]
+    readme = {"seeds": [0, 1, 2], "policies": {"sft": {"gold_reward": {"mean": 0.2, "n": 3, "sd": 0.05},
+                                                     "safety_violation_rate": {"mean": 0.02, "n": 3, "sd": 0.01}}},
+              "claims": [{"id": "a", "expected": "x", "holds": True}, {"id": "b", "expected": "y", "holds": False}]}
+    single = {"seed": 7, "policies": {"sft": {"gold_reward": 0.5, "safety_violation_rate": 0.0}},
+              "claims": [{"id": "a", "holds": True}, {"id": "b", "holds": True}]}
+    text, held = check(readme, single)
+    assert held and text.startswith("seed 7: 1 of 2 figures inside") and "sft gold_reward 0.500 [-0.048, 0.448]" in text
+    assert "Stated findings held: 1 of 1." in text  # b was not stated, so it is not checked
+    multi = {"seeds": [5, 6], "policies": {"sft": {"gold_reward": {"values": [0.1, 0.3]},
+                                                   "safety_violation_rate": {"values": [0.08, 0.01]}}},
+             "claims": [{"id": "a", "verdicts": {"5": True, "6": False}}]}
+    text, held = check(readme, multi)
+    assert not held
+    assert "seed 5: 1 of 2 figures" in text and "sft safety_violation_rate 8% [0, 7]" in text
+    assert "seed 6: 2 of 2 figures inside the README's intervals. Stated findings held: 0 of 1 (not: a)." in text
+    (tmp_path / "readme.json").write_text(json.dumps(readme))
+    (tmp_path / "run.json").write_text(json.dumps(multi))
+    assert readme_main([str(tmp_path / "readme.json"), "--check", str(tmp_path / "run.json")]) == 1
+
+
 def test_readme_section_is_generated_from_a_report(tmp_path):
     """The README's demo section comes from a report.json: the table's figures with their intervals,
     the machine, findings only for claims that held (on every seed), the others listed as missing."""
@@ -293,13 +319,16 @@ def test_readme_section_is_generated_from_a_report(tmp_path):
     assert "The cost constraint holds: cost 0.9 > 0.5." in missing
 
     multi = {"seeds": [0, 1, 2], "quick": False, "environment": env, "cpu_s": {"seed 0": 500.0, "seed 1": 520.0},
-             "policies": {"dpo": {"gold_reward": {"mean": 0.2, "low": 0.1, "high": 0.3},
-                                  "safety_violation_rate": {"mean": 0.02, "low": -0.01, "high": 0.05}}},
+             "policies": {"dpo": {"gold_reward": {"mean": 0.2, "low": 0.1, "high": 0.3, "n": 3, "sd": 0.05},
+                                  "safety_violation_rate": {"mean": 0.02, "low": -0.01, "high": 0.05, "n": 3, "sd": 0.01}}},
              "claims": [{"id": "a", "expected": "x rises", "holds": True, "holds_on": [0, 1, 2], "texts": {"0": "t0"}},
                         {"id": "b", "expected": "y falls", "holds": False, "holds_on": [0, 2], "texts": {"0": "u0", "1": "u1"}}]}
     text = section(multi, "m.json")
     assert "--seeds 0,1,2" in text and "520 s of CPU per seed" in text
-    assert "| dpo | 0.200 [0.100, 0.300] | 2% [0, 5] |" in text  # a rate's interval is clipped at 0
+    multi_apart = {**multi, "commits": {"0": "a" * 40, "1": "a" * 40, "2": "b" * 40}}  # seeds run apart, aggregated
+    assert f"alignkit commits {'a' * 12} (seeds 0, 1), {'b' * 12} (seeds 2)" in section(multi_apart, "m.json")
+    # where one more run should land: mean ± 4.303·sd·√(4/3), a rate's interval clipped at 0
+    assert "| dpo | 0.200 [-0.048, 0.448] | 2% [0, 7] |" in text, text
     assert "Y falls (held on seeds [0, 2] of [0, 1, 2])" in text.split("did not appear")[1]
 
     readme = tmp_path / "README.md"

@@ -148,6 +148,15 @@ def test_seed_interval_is_students_t_by_hand():
     assert seed_interval([None, None]) is None
 
 
+def test_prediction_interval_is_students_t_for_one_more_run_by_hand():
+    """[1, 2, 3]: 2 ± 4.303·1·√(1 + 1/3) = 2 ± 4.9687, twice the mean's half-width here."""
+    from alignkit.eval.uncertainty import prediction_interval, seed_interval
+
+    low, high = prediction_interval(seed_interval([1.0, 2.0, 3.0]))
+    assert low == pytest.approx(2 - 4.9687, abs=1e-4) and high == pytest.approx(2 + 4.9687, abs=1e-4)
+    assert prediction_interval(seed_interval([0.5])) is None and prediction_interval(None) is None
+
+
 def test_run_environment_names_the_cpu_libraries_and_threads():
     import torch
 

@@ -62,8 +62,11 @@ def aggregate(reports: list[dict]) -> dict:
         claims.append({"id": c["id"], "expected": c["expected"], "verdicts": dict(zip(seeds, verdicts)),
                        "holds_on": [s for s, v in zip(seeds, verdicts) if v], "holds": all(v is True for v in verdicts),
                        "texts": {s: x["text"] for s, x in zip(seeds, per) if x}})
+    commits = {s: (r.get("environment") or {}).get("alignkit_commit") for s, r in zip(seeds, reports)}
     return {"seeds": seeds, "quick": reports[0].get("quick"), "policies": policies, "reward_models": rms,
             "claims": claims, "environment": reports[0].get("environment"),
+            # the code each seed ran (seeds can be run apart and aggregated later)
+            "commits": commits,
             "timings_s": {f"seed {r['seed']}": r["timings_s"]["total"] for r in reports},
             "cpu_s": {f"seed {r['seed']}": r.get("cpu_s", {}).get("total") for r in reports}}
 

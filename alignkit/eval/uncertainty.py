@@ -154,3 +154,16 @@ def seed_interval(values: Sequence[float], level: float = 0.95) -> dict | None:
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
     half = t_critical(len(xs) - 1, level) * sd / math.sqrt(len(xs))
     return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(xs), "sd": sd}
+
+
+def prediction_interval(stat: dict | None, level: float = 0.95) -> tuple[float, float] | None:
+    """Where one more run should land, from a :func:`seed_interval` over n runs: Student's t
+    prediction interval mean ± t_{n−1}·sd·√(1 + 1/n). The interval of the mean shrinks with n;
+    a new run also carries its own spread (the sd), so this one does not. A run on another
+    machine belongs here too: its float kernels round differently and training amplifies that
+    as much as a change of seed does. None below two runs."""
+    if not stat or stat.get("sd") is None or stat.get("n", 0) < 2:
+        return None
+    n = stat["n"]
+    half = t_critical(n - 1, level) * stat["sd"] * math.sqrt(1 + 1 / n)
+    return stat["mean"] - half, stat["mean"] + half
