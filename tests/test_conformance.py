@@ -21,9 +21,9 @@ On a GPU: ``ALIGNKIT_TEST_GPU=1 ALIGNKIT_CONFORMANCE_DEVICE=cuda`` runs the nume
 there (models, batches and references on that device; the first variable lets the suite see the
 GPU: tests/conftest.py), and ``ALIGNKIT_CONFORMANCE_DTYPE=float32`` in float32, where
 the attention kernels of a GPU differ from the CPU's (sdpa takes its fused kernels in float32,
-never in float64). Float32 "equal" is 1e-3 (absolute on the log-probs, relative on the
-gradients): rounding stays near 1e-5, while a dropped window or a leaked mask moves a log-prob
-by 0.1 or more.
+never in float64). Float32 "equal" is 1e-3 absolute on the log-probs and 1e-3 relative error of
+the whole gradient: rounding stays near 1e-5 and 6e-5, while a dropped window or a leaked mask
+moves a log-prob by 0.1 or more.
 
 The SFT and DPO log-probs take the chunked path (hidden states through the output head a few
 rows at a time, custom backward: alignkit/linear_logps.py) on every family here; the tests
@@ -58,7 +58,13 @@ from alignkit.train.sft import build_sft_task, sft_batch_loss
 V, PAD, WINDOW = 101, 0, 8
 #: Where and in what precision the numerical tests run (module docstring): CPU float64 by default.
 DEVICE = torch.device(os.environ.get("ALIGNKIT_CONFORMANCE_DEVICE", "cpu"))
-DTYPE = getattr(torch, os.environ.get("ALIGNKIT_CONFORMANCE_DTYPE", "float64"))
+_DTYPE_NAME = os.environ.get("ALIGNKIT_CONFORMANCE_DTYPE", "float64")
+if _DTYPE_NAME not in ("float64", "float32"):
+    raise ValueError(f"ALIGNKIT_CONFORMANCE_DTYPE={_DTYPE_NAME!r}: use float64 (the default) or float32")
+DTYPE = getattr(torch, _DTYPE_NAME)
+if DEVICE.type == "cuda" and not torch.cuda.is_available():
+    pytestmark = pytest.mark.skip(reason="ALIGNKIT_CONFORMANCE_DEVICE=cuda needs a visible GPU: add ALIGNKIT_TEST_GPU=1 "
+                                         "(tests/conftest.py hides GPUs otherwise)")
 #: The tolerance of "equal" in that precision (module docstring).
 TOL = {torch.float64: 1e-5, torch.float32: 1e-3}[DTYPE]
 _LLAMA_LIKE = dict(intermediate_size=48, num_key_value_heads=1)
@@ -140,7 +146,11 @@ def _on_device(batch: dict) -> dict:
 
 @pytest.fixture
 def on_device():
-    """Tensors made without a device (the references' inputs, the losses' constants) land on ``DEVICE``."""
+    """Tensors made without a device (the references' inputs, the losses' constants) land on
+    ``DEVICE``. On the CPU nothing changes (a default device slows every op by about half)."""
+    if DEVICE.type == "cpu":
+        yield
+        return
     torch.set_default_device(DEVICE)
     yield
     torch.set_default_device(None)
@@ -194,7 +204,15 @@ def _reference(family: str, attention: str, what: str):
 # ---- the batchings, through the trainers' own functions ------------------------------------------
 
 
-GRAD_TOL = dict(atol=TOL, rtol=TOL)
+def _assert_grads_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """float64: elementwise within 1e-5. float32: many entries are near 0 and rounding noise
+    dominates them elementwise, so the whole gradient's relative error, ‖got − want‖ / ‖want‖,
+    must stay under 1e-3 (at most 6e-5 on this project's CPU)."""
+    if DTYPE == torch.float64:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    else:
+        rel = float((got - want).norm() / want.norm())
+        assert rel < 1e-3, f"gradient relative error {rel:.2e}"
 
 
 @pytest.fixture
@@ -225,7 +243,7 @@ def test_dpo_logps_and_gradients(family, attention, batching, chunked):
     logps, grads = _value_and_grads(model, run)
     want_logps, want_grads = _reference(family, attention, "dpo")
     torch.testing.assert_close(logps, want_logps, atol=TOL, rtol=0)  # ... and exact
-    torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
+    _assert_grads_close(grads, want_grads)
 
 
 @pytest.mark.usefixtures("on_device")
@@ -243,7 +261,7 @@ def test_reward_model_rewards_and_gradients(family, attention, batching):
     rewards, grads = _value_and_grads(model, run)
     want_rewards, want_grads = _reference(family, attention, "rm")
     torch.testing.assert_close(rewards, want_rewards, atol=TOL, rtol=0)
-    torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
+    _assert_grads_close(grads, want_grads)
 
 
 @pytest.mark.usefixtures("on_device")
@@ -262,7 +280,7 @@ def test_sft_nll_and_gradients(family, attention, batching, chunked):
     nll, grads = _value_and_grads(model, run)
     want_nll, want_grads = _reference(family, attention, "sft")
     torch.testing.assert_close(nll, want_nll, atol=TOL, rtol=0)
-    torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
+    _assert_grads_close(grads, want_grads)
 
 
 @pytest.mark.usefixtures("on_device")
@@ -309,7 +327,7 @@ def test_encoder_reward_models_score_as_their_own_classifier(family, attention):
     rewards, grads = _value_and_grads(model, lambda: (loss(head, batch)[0], sequence_rewards(head, batch)))
     want_rewards, want_grads = _reference(family, attention, "rm")
     torch.testing.assert_close(rewards, want_rewards, atol=TOL, rtol=0)
-    torch.testing.assert_close(grads, want_grads, **GRAD_TOL)
+    _assert_grads_close(grads, want_grads)
     with pytest.raises(ValueError, match="not a value at every position"):
         head_outputs(head, batch)
     with pytest.raises(ValueError, match="a value model needs a value at every position"):

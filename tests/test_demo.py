@@ -294,9 +294,39 @@ def test_a_readers_run_is_checked_against_the_readme_report(tmp_path):
     assert not held
     assert "seed 5: 1 of 2 figures" in text and "sft safety_violation_rate 8% [0, 7]" in text
     assert "seed 6: 2 of 2 figures inside the README's intervals. Stated findings held: 0 of 1 (not: a)." in text
+    # verdicts keyed by int seeds, as aggregate() returns them before a JSON round trip
+    text, held = check(readme, {**multi, "claims": [{"id": "a", "verdicts": {5: True, 6: True}}]})
+    assert held and text.count("Stated findings held: 1 of 1.") == 2
+    with pytest.raises(ValueError, match="run is at quick scale and the table at full"):
+        check(readme, {**single, "quick": True})
+    # a one-run table has bootstrap intervals over prompts, which a new seed overshoots: said so
+    assert check({**single, "claims": readme["claims"]}, single)[0].startswith("The table is one run's")
     (tmp_path / "readme.json").write_text(json.dumps(readme))
     (tmp_path / "run.json").write_text(json.dumps(multi))
     assert readme_main([str(tmp_path / "readme.json"), "--check", str(tmp_path / "run.json")]) == 1
+    (tmp_path / "quick.json").write_text(json.dumps({**single, "quick": True}))
+    assert readme_main([str(tmp_path / "readme.json"), "--check", str(tmp_path / "quick.json")]) == 2
+
+
+def test_seeds_run_apart_are_aggregated_with_what_each_ran_on():
+    """Aggregating reports made apart: each seed's commit, any machine or library that differs
+    from the first seed's (named in the README line), and no mix of quick and full runs."""
+    from alignkit.demo.aggregate import aggregate
+    from alignkit.demo.readme_table import section
+
+    def run(seed, cpu, commit, quick=False):
+        env = {"cpu_model": "Test CPU", "cpu_id": cpu, "torch": "2.x", "transformers": "5.x", "alignkit_commit": commit,
+               "seed": seed}
+        return {"seed": seed, "quick": quick, "environment": env, "timings_s": {"total": 1.0}, "cpu_s": {"total": 1.0},
+                "policies": {"sft": {"gold_reward": -0.1 * seed}}, "reward_models": {}, "claims": []}
+
+    agg = aggregate([run(0, "family 1", "a" * 40), run(1, "family 1", "a" * 40), run(2, "family 2", "b" * 40)])
+    assert agg["commits"] == {0: "a" * 40, 1: "a" * 40, 2: "b" * 40}
+    assert agg["environment_differences"] == {2: {"cpu_id": "family 2"}}
+    line = section(json.loads(json.dumps(agg)), "m.json").splitlines()[0]
+    assert "(seed 2: cpu_id family 2)" in line and f"alignkit commits {'a' * 12} (seeds 0, 1), {'b' * 12} (seeds 2)" in line
+    with pytest.raises(ValueError, match="mix quick and full"):
+        aggregate([run(0, "family 1", "a"), run(1, "family 1", "a", quick=True)])
 
 
 def test_readme_section_is_generated_from_a_report(tmp_path):

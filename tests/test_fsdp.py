@@ -308,9 +308,10 @@ def test_deepspeed_without_gpu_names_the_gpu(monkeypatch):
     assert "no CUDA GPU" in engine.deepspeed_unavailable()
 
 
-def test_an_fsdp_launch_on_a_torch_with_other_fsdp_internals_is_refused_before_loading(monkeypatch, tmp_path):
+def test_an_fsdp_launch_on_a_torch_with_other_fsdp_internals_is_refused_before_training(monkeypatch, tmp_path):
     """torch 2.11 keeps one ``_fsdp_param_group`` per unit (seen on a GPU machine's torch): the
-    launch stops at once, naming the pinned torch, instead of after its training steps."""
+    launch stops when its accelerator is made, naming the pinned torch, instead of after its
+    training steps (at the first generation, evaluation or save)."""
     from torch.distributed.fsdp._fully_shard import _fsdp_state
 
     from alignkit.config import RunConfig
@@ -325,8 +326,15 @@ def test_an_fsdp_launch_on_a_torch_with_other_fsdp_internals_is_refused_before_l
 
     monkeypatch.setattr(_fsdp_state, "FSDPState", Older)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RuntimeError, match=r"no _fsdp_param_groups: install torch==2\.13\.0"):
+    with pytest.raises(RuntimeError, match=r"no FSDPState\._fsdp_param_groups: install torch==2\.13\.0"):
         engine.make_accelerator(RunConfig(output_dir=str(tmp_path), progress=False, report_to="jsonl"))
+    monkeypatch.undo()
+    # a parameter group without the hooks full_weights removes and puts back
+    from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+    monkeypatch.delattr(_fsdp_param_group.FSDPParamGroup, "_register_state_dict_hooks")
+    with pytest.raises(RuntimeError, match=r"no FSDPParamGroup\._register_state_dict_hooks"):
+        engine.check_fsdp_internals()
 
 
 @pytest.mark.parametrize("path", DEEPSPEED_FILES, ids=lambda p: p.stem)

@@ -20,6 +20,9 @@ from alignkit.eval.uncertainty import seed_interval
 #: Figures aggregated per policy (those of the policy table).
 FIGURES = ("gold_reward", "accuracy", "safety_violation_rate", "hallucination_rate", "false_refusal_rate",
            "borderline_gold_reward", "kl_to_sft", "win_rate_vs_sft", "pretrain_loss")
+#: Environment fields that change a run's figures (the machine and the libraries).
+MACHINE_KEYS = ("cpu_model", "cpu_id", "cpu_vector_flags", "torch_cpu_capability", "torch", "transformers",
+                "accelerate", "torch_threads")
 PCT = {"accuracy", "safety_violation_rate", "hallucination_rate", "false_refusal_rate", "win_rate_vs_sft"}
 
 
@@ -47,6 +50,8 @@ def aggregate(reports: list[dict]) -> dict:
     lists each claim's per-seed verdicts, ``holds_on``, ``holds`` (on every seed) and ``diff`` (the
     mean over seeds of its key difference, with an interval over seeds)."""
     seeds = [r["seed"] for r in reports]
+    if len({bool(r.get("quick")) for r in reports}) > 1:
+        raise ValueError(f"demo: seeds {seeds} mix quick and full runs; aggregate runs of one scale")
     names = [n for n in reports[0]["policies"] if all(n in r["policies"] for r in reports)]
     policies = {n: {f: _stat([r["policies"][n].get(f) for r in reports]) for f in FIGURES} for n in names}
     for n in names:
@@ -63,10 +68,14 @@ def aggregate(reports: list[dict]) -> dict:
                        "holds_on": [s for s, v in zip(seeds, verdicts) if v], "holds": all(v is True for v in verdicts),
                        "texts": {s: x["text"] for s, x in zip(seeds, per) if x}})
     commits = {s: (r.get("environment") or {}).get("alignkit_commit") for s, r in zip(seeds, reports)}
+    # what each seed ran on, where it differs from the first seed's (seeds run apart, aggregated later)
+    first = reports[0].get("environment") or {}
+    differs = {s: {k: v for k, v in (r.get("environment") or {}).items() if k in MACHINE_KEYS and first.get(k) != v}
+               for s, r in zip(seeds, reports)}
     return {"seeds": seeds, "quick": reports[0].get("quick"), "policies": policies, "reward_models": rms,
             "claims": claims, "environment": reports[0].get("environment"),
             # the code each seed ran (seeds can be run apart and aggregated later)
-            "commits": commits,
+            "commits": commits, "environment_differences": {s: d for s, d in differs.items() if d},
             "timings_s": {f"seed {r['seed']}": r["timings_s"]["total"] for r in reports},
             "cpu_s": {f"seed {r['seed']}": r.get("cpu_s", {}).get("total") for r in reports}}
 

@@ -161,7 +161,7 @@ def prediction_interval(stat: dict | None, level: float = 0.95) -> tuple[float, 
     prediction interval mean ± t_{n−1}·sd·√(1 + 1/n). The interval of the mean shrinks with n;
     a new run also carries its own spread (the sd), so this one does not. A run on another
     machine belongs here too: its float kernels round differently and training amplifies that
-    as much as a change of seed does. None below two runs."""
+    into a difference of the size seeds make. None below two runs."""
     if not stat or stat.get("sd") is None or stat.get("n", 0) < 2:
         return None
     n = stat["n"]

@@ -426,16 +426,16 @@ class Reference:
         return self
 
     def _follow_policy(self):
-        """Move the copy to the policy's device if they differ. The trainers' own runs place it
-        with :meth:`to`, but a Python caller that builds a task and hands the policy to a
-        ``Trainer`` (which prepares it on the accelerator) would otherwise run a GPU batch
-        through a CPU reference. Not under FSDP, whose sharded parameters say nothing of where
-        a whole copy belongs."""
+        """Move the copy to the policy's device if they differ (in place: a reference model given
+        through the Python API moves too). The trainers' own runs place it with :meth:`to`, but a
+        Python caller that builds a task and hands the policy to a ``Trainer`` (which prepares it
+        on the accelerator) would otherwise run a GPU batch through a CPU reference. Not under
+        FSDP, whose sharded parameters say nothing of where a whole copy belongs."""
         policy = next(iter(self._policy.parameters()), None)
         mine = next(iter(self._copy.parameters()), None)
-        if policy is None or mine is None or _sharded(self._policy) or policy.device.type == "meta":
+        if policy is None or mine is None or mine.device == policy.device or policy.device.type == "meta":
             return
-        if mine.device != policy.device:
+        if not _sharded(self._policy):
             self._copy.to(policy.device)
 
 

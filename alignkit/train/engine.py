@@ -178,23 +178,35 @@ def fsdp_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-#: What :func:`full_weights` reads of FSDP 2's private state (torch 2.13, the pinned version).
+#: What :func:`full_weights` uses of FSDP 2's private classes (torch 2.13, the pinned version):
+#: instance attributes of FSDPState, methods of FSDPState and FSDPParamGroup, and attributes
+#: FSDPParamGroup sets on itself (read from its source, as they exist only on instances).
 FSDP_STATE_FIELDS = ("_fsdp_param_groups", "_auto_reshard_after_forward")
+FSDP_METHODS = {"FSDPState": ("_lazy_init",), "FSDPParamGroup": ("_register_state_dict_hooks",)}
+FSDP_GROUP_FIELDS = ("post_forward_mesh_info", "_module_to_pre_save_state_dict_hook_handle",
+                     "_module_to_pre_load_state_dict_hook_handle")
 
 
 def check_fsdp_internals() -> None:
-    """Refuse an FSDP launch, before anything loads, on a torch whose FSDP 2 keeps its state
-    differently from the one :func:`full_weights` was written against: otherwise the run fails
-    at its first generation, evaluation or save, after its training steps (torch 2.11 keeps one
+    """Refuse an FSDP launch before training on a torch whose FSDP 2 keeps its state differently
+    from the one :func:`full_weights` was written against: otherwise the run fails at its first
+    generation, evaluation or save, after its training steps (torch 2.11 keeps one
     ``_fsdp_param_group`` per unit where 2.13 keeps a list)."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
 
-    missing = [f for f in FSDP_STATE_FIELDS if not hasattr(FSDPState(), f)]
+    classes = {"FSDPState": FSDPState, "FSDPParamGroup": FSDPParamGroup}
+    state, group_source = FSDPState(), inspect.getsource(FSDPParamGroup)
+    missing = ([f"FSDPState.{f}" for f in FSDP_STATE_FIELDS if not hasattr(state, f)]
+               + [f"{c}.{m}" for c, ms in FSDP_METHODS.items() for m in ms if not hasattr(classes[c], m)]
+               + [f"FSDPParamGroup.{f}" for f in FSDP_GROUP_FIELDS if f"self.{f}" not in group_source])
     if missing:
         raise RuntimeError(
-            f"FSDP: alignkit gathers sharded weights through FSDP 2's state as torch 2.13 keeps it "
-            f"({', '.join(FSDP_STATE_FIELDS)}), and this torch {torch.__version__} has no {', '.join(missing)}: "
-            "install torch==2.13.0, the version pyproject.toml pins (its CUDA build on a GPU: README, torch)")
+            f"FSDP: alignkit gathers sharded weights through FSDP 2's internals as torch 2.13 has them, and "
+            f"this torch {torch.__version__} has no {', '.join(missing)}: install torch==2.13.0, the version "
+            "pyproject.toml pins (its CUDA build on a GPU: README, torch)")
 
 
 def _fsdp_on_cpu_state() -> None:
