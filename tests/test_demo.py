@@ -262,15 +262,14 @@ def test_critique_model_is_reported_beside_the_reward_models_and_used_in_best_of
     critic = report["critic"]
     assert report["reward_models"]["critic"]["n_pairs"] == critic["n_pairs"] > 50
     # Held-out pairs of SFT samples, each judged in both orders: above chance beyond the interval
-    # (quick scale, seed 0: 0.66 [0.57, 0.75]), without a position bias.
+    # (quick scale, seed 0, commit b5f8f81: 0.62 [0.52, 0.70]), without a position bias.
     assert critic["ci"]["accuracy"][0] > 0.5, critic["ci"]
     assert abs(critic["position_bias"]) < 0.2 and abs(critic["clean"]["position_bias"]) < 0.2
-    # The world's reference-response pairs and best-of-N under the critic are reported with intervals.
-    # With the 64-wide model the quick critic is weak there (seed 0: 0.56 [0.48, 0.65]; best-of-N
-    # −0.09 [−0.18, −0.01] against SFT); the full scale's claim is that the critic is above chance.
-    assert critic["clean"]["ci"]["accuracy"][0] <= critic["clean"]["accuracy"] <= critic["clean"]["ci"]["accuracy"][1]
+    # The world's reference-response pairs: above chance too (seed 0: 0.79 [0.70, 0.86]); and best-of-N
+    # under the critic, judging both draws of N, beats SFT's gold reward (+0.171 [+0.113, +0.235]).
+    assert critic["clean"]["ci"]["accuracy"][0] > 0.5, critic["clean"]["ci"]
     d = report["policies"]["best_of_n/critic"]["vs_sft"]["gold_reward"]
-    assert d["low"] <= d["mean"] <= d["high"] and d["n"] > 400, d
+    assert d["low"] > 0 and d["n"] > 400, d
 
 
 def test_a_readers_run_is_checked_against_the_readme_report(tmp_path):

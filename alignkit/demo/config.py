@@ -19,7 +19,7 @@ class DemoConfig:
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
     """A smaller, faster run (fewer steps and samples, one method per family): about 140 s of one core of this
-    project's 2-core AVX-512 machine, budget 180 s (the full run: about 360 s, budget 600 s; README.md, Time)."""
+    project's 2-core AVX-512 machine, budget 180 s (the full run: about 310 s, budget 600 s; README.md, Time)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
     prompt): its figures mean nothing. Overrides --quick."""
