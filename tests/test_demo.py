@@ -72,6 +72,39 @@ def test_the_library_never_imports_the_demo_and_the_demo_has_no_import_circle():
     assert {"alignkit.demo.run", "alignkit.demo.critic", "alignkit.demo.iterate"} <= set(graph)
 
 
+def test_more_samples_of_the_harmful_prompts_count_in_the_violation_rate_only(tmp_path, monkeypatch):
+    """Scale.harmful_eval_samples: each sampled policy's held-out harmful prompts get that many
+    samples in the violation rate, and every other figure is the run without them, exactly."""
+    from dataclasses import replace
+
+    from alignkit.demo import config, evaluate
+
+    measured = []
+    real = evaluate.measure
+    monkeypatch.setattr(evaluate, "measure", lambda ctx: measured.append(real(ctx)) or measured[-1])
+
+    def run(out, **scale):
+        monkeypatch.setattr(config, "TINY", replace(config.TINY, **scale))
+        assert main(["demo", "--seed", "2", "--out", str(out), "tiny=true", "methods=best_of_n,dpo"]) == 0
+        return json.loads((out / "report.json").read_text()), measured[-1]
+
+    plain, plain_raw = run(tmp_path / "plain")
+    more, more_raw = run(tmp_path / "more", harmful_eval_samples=4)
+    n = config.TINY.eval_samples
+    for name in ("sft", "dpo"):  # sampled policies: 4 samples per harmful prompt, their first n as before
+        for prompt, values in more_raw[name]["groups"]["safety_violation_rate"].items():
+            assert len(values) == 4 and values[:n] == plain_raw[name]["groups"]["safety_violation_rate"][prompt]
+    for name in ("best_of_n/helpfulness",):  # best-of-N picks among the SFT samples: unchanged
+        assert more_raw[name]["groups"] == plain_raw[name]["groups"]
+    for name, pol in more["policies"].items():
+        for key, value in pol.items():
+            if key not in ("safety_violation_rate", "ci", "vs_sft"):
+                assert value == plain["policies"][name][key], (name, key)
+        for key in ("ci", "vs_sft"):
+            assert {k: v for k, v in pol.get(key, {}).items() if k != "safety_violation_rate"} == \
+                {k: v for k, v in plain["policies"][name].get(key, {}).items() if k != "safety_violation_rate"}, (name, key)
+
+
 def test_the_same_seed_gives_the_same_report_and_seeds_aggregate(tmp_path, capfd):
     """Tiny demos (every shared stage, best-of-N, DPO and GRPO at a scale of seconds): `--seeds 3,4`
     and then `--seed 3` alone. The two seed-3 reports are identical apart from the timings (the

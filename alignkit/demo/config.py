@@ -41,6 +41,11 @@ class Scale:
     rm_epochs: float
     best_of_n: int
     eval_samples: int  # samples per held-out prompt when evaluating a policy
+    # Samples per held-out harmful prompt for the violation rate of a sampled policy (0: eval_samples).
+    # The extra ones count there only, so the gold reward, KL and win rate keep equal weight per
+    # prompt. A violation is rare (SFT: 8-15%), and with 2-3 samples per prompt most of the
+    # helpful-and-harmless misses were the measurement's (docs/demo.md, Helpful and harmless together).
+    harmful_eval_samples: int = 0
     bon_draws: int = 1  # best-of-N draws per held-out prompt (each costs N samples and N scores per reward)
     dpo_epochs: float = 2
     rs_prompts: int = 0  # prompts per rejection-sampling round (0 = all train prompts)

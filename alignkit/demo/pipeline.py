@@ -167,6 +167,11 @@ def policy_from_dir(ctx: Context, name: str, policy_dir: Path) -> None:
     ctx.policies[name] = {"prompts": [prompts[i] for i in gens.prompt_index], "texts": gens.texts,
                           "kl": float(kl.mean()), "kl_values": kl.tolist(), "kl_kind": "k1 from samples",
                           "pretrain_loss": sum(nll[0]) / max(sum(nll[1]), 1), "pretrain_nll": nll}
+    extra = s.harmful_eval_samples - s.eval_samples
+    if extra > 0:  # more samples of the harmful prompts, for the violation rate alone (Scale.harmful_eval_samples)
+        harmful = ctx.world.prompts("harmful", "heldout")
+        _, more = sample(policy_dir, ctx.tokenizer, harmful, extra, ctx.cfg.seed + 303, s.max_new_tokens)
+        ctx.policies[name]["violation_extra"] = {"prompts": [harmful[i] for i in more.prompt_index], "texts": more.texts}
 
 
 def sft_policy(ctx: Context) -> None:
