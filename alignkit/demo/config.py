@@ -74,7 +74,7 @@ FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2,
 #: reward models to 54-57% held-out accuracy and PPO below SFT (seed 0, an earlier world).
 #: 8 samples per held-out harmful prompt for the violation rates (2 elsewhere): with 2, DPO's, PPO's
 #: and GRPO's cuts on seeds 1 and 2 (1-4 points) stayed within their intervals, while 8 samples of the
-#: same policies cut 4-8 points beyond them (benchmarks/demo_violations.py); about 5 s of CPU more.
+#: same policies cut 4-8 points beyond them (benchmarks/demo_violations.py); a few seconds of CPU more.
 QUICK = Scale(pretrain_epochs=4, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=2,
               harmful_eval_samples=8, bon_draws=2, dpo_epochs=0.75, rl_rollouts=10, rs_prompts=256, hidden_size=64)
 #: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.
