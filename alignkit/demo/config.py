@@ -64,7 +64,7 @@ class Scale:
 #: KL and NLL cost about 7 s, and there are 17 policies). Best-of-N keeps 2 draws per prompt: with one
 #: (one response per prompt) its rates' intervals reached ±9 points.
 FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=8, eval_samples=3,
-             bon_draws=2, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
+             harmful_eval_samples=8, bon_draws=2, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
 #: Quick: the same model; 4 SFT samples per train prompt for the comparisons, 2 reward-model epochs,
 #: 2 held-out samples per prompt (3) and 0.75 DPO epochs (1). With 3 samples per train prompt (half
 #: the pairs) the quick safety reward model fell below chance once the borderline catalogue grew to 45
