@@ -120,11 +120,11 @@ STAGE_SECONDS: dict[str, dict[str, float]] = {
               "sample the SFT policy": 2, "best_of_n": 16, "dpo": 16, "ipo": 17, "kto": 14, "rejection_sampling": 8,
               "iterative": 48, "ppo": 7, "ppo_ptx": 10, "ppo_safety_constrained": 17, "grpo": 7, "rloo": 9,
               "critic": 63, "gold-judge evaluation": 1},
-    # full, mean of seeds 0-4, CPU seconds (commit b5f8f81: the run docs/demo-report.json holds)
-    "full": {"pretraining": 37, "supervised fine-tuning": 2, "comparison data": 4, "reward models": 38,
-             "sample the SFT policy": 3, "best_of_n": 18, "dpo": 15, "ipo": 15, "kto": 11, "rejection_sampling": 10,
-             "iterative": 35, "ppo": 7, "ppo_ptx": 11, "ppo_safety_constrained": 17, "grpo": 7, "rloo": 6,
-             "critic": 72, "gold-judge evaluation": 2},
+    # full, mean of seeds 0-4, CPU seconds (commit b4dc86f: the run docs/demo-report.json holds)
+    "full": {"pretraining": 32, "supervised fine-tuning": 2, "comparison data": 4, "reward models": 36,
+             "sample the SFT policy": 3, "best_of_n": 17, "dpo": 14, "ipo": 14, "kto": 11, "rejection_sampling": 10,
+             "iterative": 33, "ppo": 7, "ppo_ptx": 9, "ppo_safety_constrained": 16, "grpo": 7, "rloo": 7,
+             "critic": 65, "gold-judge evaluation": 2},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,

@@ -41,8 +41,8 @@ reference pairs fell to 0.53 (full scale, seed 1; 1.2 epochs, seed 0: 0.75).
 Dropping "negligibly better" pairs, a higher learning rate, or more pairs without the swap did
 worse (the last lost reference-response accuracy).
 
-Runtime on this project's 2-core AVX-512 CPU: about 72 s of CPU at full scale (mean of seeds 0–4,
-commit b5f8f81, two draws of N critiqued; see :data:`CRITIC_EPOCHS` for the training's share).
+Runtime on this project's 2-core AVX-512 CPU: about 65 s of CPU at full scale (mean of seeds 0–4,
+commit b4dc86f, two draws of N critiqued; see :data:`CRITIC_EPOCHS` for the training's share).
 """
 
 from __future__ import annotations
