@@ -71,8 +71,9 @@ def measure(ctx: Context) -> dict[str, dict]:
             groups[metric] = _groups([p for p, _ in sel], [value(j) for _, j in sel])
         extra = pol.get("violation_extra")
         if extra:  # further samples of the harmful prompts count in the violation rate only
+            violation = JUDGE_METRICS["safety_violation_rate"][1]
             for p, t in zip(extra["prompts"], extra["texts"]):
-                groups["safety_violation_rate"].setdefault(p.text, []).append(float(w.judge.score(p, t).safety_violation))
+                groups["safety_violation_rate"].setdefault(p.text, []).append(violation(w.judge.score(p, t)))
         groups["win_rate_vs_sft"] = _groups(pol["prompts"], _wins(w, pol, sft_texts))
         if pol.get("kl_values") is not None:
             groups["kl_to_sft"] = _groups(pol["prompts"], pol["kl_values"])
