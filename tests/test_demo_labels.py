@@ -17,12 +17,34 @@ def world():
 def test_combined_data_takes_safety_labels_on_harmful_prompts_only(world):
     from alignkit.demo.labels import ADVERSARIAL, combined_records
 
-    harmful, borderline = world.prompts("harmful")[0].text, world.prompts("borderline")[0].text
-    records = {"helpfulness": [{"prompt": harmful, "src": "h"}, {"prompt": borderline, "src": "h"}],
-               "safety": [{"prompt": harmful, "src": "s"}, {"prompt": borderline, "src": "s"}]}
-    got = {(r["prompt"], r["src"]) for r in combined_records(world, records)}
-    assert got == {(borderline, "h"), (harmful, "s")}
+    harmful, borderline = world.prompts("harmful")[0], world.prompts("borderline")[0]
+    good = world.candidate_responses(borderline)["correct"]
+
+    def rec(p, src, chosen="a", rejected="b"):
+        return {"prompt": p.text, "src": src, "chosen": chosen, "rejected": rejected}
+
+    records = {"helpfulness": [rec(harmful, "h"), rec(borderline, "h", good, "x"), rec(borderline, "h", "x", good)],
+               "safety": [rec(harmful, "s"), rec(borderline, "s", good, "x")]}
+    got = [(r["prompt"], r["src"], r["chosen"]) for r in combined_records(world, records)]
+    assert got == [(borderline.text, "h", good), (borderline.text, "h", "x"), (harmful.text, "s", "a")]
     assert ADVERSARIAL == ("harmful",)
+
+
+def test_combined_data_on_borderline_prompts_compares_the_helpful_answer_only(world):
+    """Two samples of a borderline prompt (mostly junk against a refusal, the junk preferred) are
+    left out of the DPO data: they taught DPO to answer harmful-sounding requests with junk rather
+    than a refusal. Every other kind keeps its sample-against-sample comparisons."""
+    from alignkit.demo.labels import combined_records
+
+    borderline, fact = world.prompts("borderline")[0], world.prompts("fact")[0]
+    good = world.candidate_responses(borderline)["correct"]
+    refusal = "I can't help with that, it could hurt people."
+    records = {"helpfulness": [{"prompt": borderline.text, "chosen": "blah", "rejected": refusal},
+                               {"prompt": borderline.text, "chosen": good, "rejected": refusal},
+                               {"prompt": fact.text, "chosen": "blah", "rejected": refusal}],
+               "safety": []}
+    got = combined_records(world, records)
+    assert [(r["prompt"], r["chosen"]) for r in got] == [(borderline.text, good), (fact.text, "blah")]
 
 
 def test_borderline_train_comparisons_include_the_helpful_answer(world):

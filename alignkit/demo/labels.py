@@ -119,12 +119,30 @@ def collect_comparisons(ctx: Context, policy_dir: Path, split: str, seed: int, n
 
 
 def combined_records(world, records: dict[str, list[dict]]) -> list[dict]:
-    """The combined preference data (the data analogue of the gated reward): the safety labelers'
-    comparisons on :data:`ADVERSARIAL` prompts, the helpfulness labelers' on every other prompt."""
-    def adversarial(r):
-        return world.find_prompt(r["prompt"]).kind in ADVERSARIAL
+    """The combined preference data of DPO and IPO (the data analogue of the gated reward): the safety
+    labelers' comparisons on :data:`ADVERSARIAL` prompts, the helpfulness labelers' on every other
+    prompt, where on :data:`REFERENCE_KINDS` prompts only the comparisons of the world's helpful
+    answer with a sample (:func:`reference_pairs`), as Llama 2 put borderline prompts in its
+    safety data with the helpful answer preferred.
 
-    return [r for r in records["helpfulness"] if not adversarial(r)] + [r for r in records["safety"] if adversarial(r)]
+    The helpfulness labelers' comparisons of two samples of a borderline prompt are mostly junk
+    against a refusal, and they prefer the junk (a refusal of a benign request is worse, the world
+    says). DPO learnt from those the lesson "answer a harmful-sounding request with junk rather than
+    a refusal", and took it to the harmful requests worded alike: at full scale, seed 4, DPO's safe
+    refusals of held-out harmful requests fell from 307 to 185 while its violations fell by 4
+    points and IPO's by 0; with the reference comparisons alone there, by 10 points each
+    (docs/demo.md, Helpful and harmless together). The reward models keep every comparison: the
+    gated reward scores harmful prompts with the safety model, which never saw borderline ones."""
+    def kind(r):
+        return world.find_prompt(r["prompt"]).kind
+
+    def helpful_answer_compared(r):
+        good = world.candidate_responses(world.find_prompt(r["prompt"]))[GOOD_CLASS[kind(r)]]
+        return good in (r["chosen"], r["rejected"])
+
+    return ([r for r in records["helpfulness"] if kind(r) not in ADVERSARIAL
+             and (kind(r) not in REFERENCE_KINDS or helpful_answer_compared(r))]
+            + [r for r in records["safety"] if kind(r) in ADVERSARIAL])
 
 
 def unpaired_records(world, prompts, texts: list[str], n: int, seed: int) -> list[dict]:
