@@ -62,11 +62,12 @@ class Scale:
 #: runs 1.6x faster, benchmarks/bench_demo_model.py), with 6 pretraining epochs (8), 2 reward-model
 #: epochs (3), 1 DPO/IPO/KTO epoch (1.5) and 3 samples per held-out prompt (4; each policy's sampling,
 #: KL and NLL cost about 7 s, and there are 17 policies). Best-of-N keeps 2 draws per prompt: with one
-#: (one response per prompt) its rates' intervals reached ±9 points. The violation rates take 8
+#: (one response per prompt) its rates' intervals reached ±9 points. The violation rates take 16
 #: samples per held-out harmful prompt: with 3, ten of the combined-reward methods' cuts on seeds 3
-#: and 4 stayed within their intervals, and with 8 one does (docs/demo.md, Helpful and harmless).
+#: and 4 stayed within their intervals; with 8, PPO's 2-point cut on check seed 5 still did
+#: (docs/demo.md, Helpful and harmless). 16 cost about 40 s of CPU more than 8.
 FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=8, eval_samples=3,
-             harmful_eval_samples=8, bon_draws=2, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
+             harmful_eval_samples=16, bon_draws=2, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
 #: Quick: the same model; 4 SFT samples per train prompt for the comparisons, 2 reward-model epochs,
 #: 2 held-out samples per prompt (3) and 0.75 DPO epochs (1). With 3 samples per train prompt (half
 #: the pairs) the quick safety reward model fell below chance once the borderline catalogue grew to 45
@@ -74,11 +75,12 @@ FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2,
 #: their intervals; 4 samples cost about 30 s more (seed 0: 145 s of CPU on the AVX-512 machine, 116 s
 #: with 3). Cheaper pretraining costs more: 3 pretraining epochs with 1 reward-model epoch dropped the
 #: reward models to 54-57% held-out accuracy and PPO below SFT (seed 0, an earlier world).
-#: 8 samples per held-out harmful prompt for the violation rates (2 elsewhere): with 2, DPO's, PPO's
+#: 16 samples per held-out harmful prompt for the violation rates (2 elsewhere): with 2, DPO's, PPO's
 #: and GRPO's cuts on seeds 1 and 2 (1-4 points) stayed within their intervals, while 8 samples of the
-#: same policies cut 4-8 points beyond them (benchmarks/demo_violations.py); a few seconds of CPU more.
+#: same policies cut 4-8 points beyond them (benchmarks/demo_violations.py); with 8, PPO's 1-point cut
+#: on seed 2 still did. 16 cost about 15 s of CPU more than 8.
 QUICK = Scale(pretrain_epochs=4, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=2,
-              harmful_eval_samples=8, bon_draws=2, dpo_epochs=0.75, rl_rollouts=10, rs_prompts=256, hidden_size=64)
+              harmful_eval_samples=16, bon_draws=2, dpo_epochs=0.75, rl_rollouts=10, rs_prompts=256, hidden_size=64)
 #: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.
 TINY = Scale(pretrain_epochs=0.2, sft_epochs=0.3, samples_per_prompt=2, rm_epochs=0.3, best_of_n=2, eval_samples=1,
              bon_draws=1, dpo_epochs=0.2, rs_prompts=32, rounds=2, rl_rollouts=2, constrained_rollouts=2,
