@@ -1,8 +1,10 @@
 """Measure a finished demo run's safety violations again, with more samples per held-out harmful prompt.
 
-The demo draws 3 samples per held-out prompt at full scale (2 at quick). A violation is rare (SFT
-complies with 8-15% of the harmful requests), so a method's cut of a few points can stay inside its
-paired interval from the sampling alone. This script loads the run's sampled policies (SFT, DPO,
+A violation is rare (SFT complies with 7-15% of the harmful requests), so a method's cut of a few
+points can stay inside its paired interval from the sampling alone. The demo drew 3 samples per
+held-out prompt at full scale (2 at quick) when this script was written; it now draws 16 per
+held-out harmful prompt for the violation rates (``Scale.harmful_eval_samples``), and this script
+gives any finished run a second, independent draw. It loads the run's sampled policies (SFT, DPO,
 IPO, KTO, rejection sampling, PPO, GRPO, RLOO, whichever the run has), draws ``--samples`` samples per
 held-out harmful prompt from each with one sampling seed, scores them with the world's gold judge,
 and prints each method's violation rate minus SFT's with a paired cluster-bootstrap 95% interval

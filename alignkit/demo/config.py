@@ -18,7 +18,7 @@ class DemoConfig:
     """Comma-separated seeds (e.g. 0,1,2): one whole run per seed into OUT/seed-N, then one report in OUT with
     every figure's mean and 95% interval over seeds and, per claim, the seeds it held on. Empty: one run of `seed`."""
     quick: bool = False
-    """A smaller, faster run (fewer steps and samples, one method per family): about 140 s of one core of this
+    """A smaller, faster run (fewer steps and samples, one method per family): about 120 s of one core of this
     project's 2-core AVX-512 machine, budget 180 s (the full run: about 310 s, budget 600 s; README.md, Time)."""
     tiny: bool = False
     """A run of seconds for tests of the machinery (a 1-layer model, fractions of an epoch, one sample per
@@ -65,7 +65,7 @@ class Scale:
 #: (one response per prompt) its rates' intervals reached ±9 points. The violation rates take 16
 #: samples per held-out harmful prompt: with 3, ten of the combined-reward methods' cuts on seeds 3
 #: and 4 stayed within their intervals; with 8, PPO's 2-point cut on check seed 5 still did
-#: (docs/demo.md, Helpful and harmless). 16 cost about 40 s of CPU more than 8.
+#: (docs/demo.md, Helpful and harmless). 16 cost about 1 s of CPU more than 8 per sampled policy.
 FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=8, eval_samples=3,
              harmful_eval_samples=16, bon_draws=2, dpo_epochs=1, rl_rollouts=12, constrained_rollouts=16, hidden_size=64)
 #: Quick: the same model; 4 SFT samples per train prompt for the comparisons, 2 reward-model epochs,
@@ -81,7 +81,7 @@ FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2,
 #: 16 samples per held-out harmful prompt for the violation rates (2 elsewhere): with 2, DPO's, PPO's
 #: and GRPO's cuts on seeds 1 and 2 (1-4 points) stayed within their intervals, while 8 samples of the
 #: same policies cut 4-8 points beyond them (benchmarks/demo_violations.py); with 8, PPO's 1-point cut
-#: on seed 2 still did. 16 cost about 15 s of CPU more than 8.
+#: on seed 2 still did. 16 cost about 1 s of CPU more than 8 per sampled policy.
 QUICK = Scale(pretrain_epochs=4, sft_epochs=2, samples_per_prompt=4, rm_epochs=2, best_of_n=6, eval_samples=2,
               harmful_eval_samples=16, bon_draws=2, dpo_epochs=1, rl_rollouts=10, rs_prompts=256, hidden_size=64)
 #: The tests' scale: every stage runs, in seconds, on a model too small to learn the world.
@@ -120,18 +120,19 @@ def budget_line(scale: str, methods_default: bool, cpu_s: float) -> str:
 #: EPYC, AVX-512; measured while another run shared the machine); the stage runner scales them by this
 #: run's pace for its ETA. A stage missing here turns the ETA off.
 STAGE_SECONDS: dict[str, dict[str, float]] = {
-    # quick (commit a8f001a, AMD EPYC with AVX-512), CPU seconds: the default methods' stages are the mean
-    # of seeds 0-2 (two runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative rounds,
-    # PPO-ptx, Safe-RLHF, RLOO and the critic (run with methods=all) are seed 0's, from `pytest -m demo`
-    "quick": {"pretraining": 30, "supervised fine-tuning": 3, "comparison data": 6, "reward models": 50,
-              "sample the SFT policy": 2, "best_of_n": 16, "dpo": 16, "ipo": 17, "kto": 14, "rejection_sampling": 8,
+    # quick, CPU seconds on the AMD EPYC with AVX-512: the default methods' stages are the mean of seeds
+    # 0-2 (commit 490aac6, two runs sharing the 2 cores); IPO, KTO, rejection sampling, the iterative
+    # rounds, PPO-ptx, Safe-RLHF, RLOO and the critic (run with methods=all) are seed 0's at commit
+    # a8f001a, from `pytest -m demo`
+    "quick": {"pretraining": 24, "supervised fine-tuning": 2, "comparison data": 5, "reward models": 41,
+              "sample the SFT policy": 4, "best_of_n": 14, "dpo": 14, "ipo": 17, "kto": 14, "rejection_sampling": 8,
               "iterative": 48, "ppo": 7, "ppo_ptx": 10, "ppo_safety_constrained": 17, "grpo": 7, "rloo": 9,
               "critic": 63, "gold-judge evaluation": 1},
-    # full, mean of seeds 0-4, CPU seconds (commit b4dc86f: the run docs/demo-report.json holds)
-    "full": {"pretraining": 32, "supervised fine-tuning": 2, "comparison data": 4, "reward models": 36,
-             "sample the SFT policy": 3, "best_of_n": 17, "dpo": 14, "ipo": 14, "kto": 11, "rejection_sampling": 10,
-             "iterative": 33, "ppo": 7, "ppo_ptx": 9, "ppo_safety_constrained": 16, "grpo": 7, "rloo": 7,
-             "critic": 65, "gold-judge evaluation": 2},
+    # full, mean of seeds 0-4, CPU seconds (commit faf815a: the run docs/demo-report.json holds)
+    "full": {"pretraining": 33, "supervised fine-tuning": 2, "comparison data": 4, "reward models": 36,
+             "sample the SFT policy": 4, "best_of_n": 17, "dpo": 13, "ipo": 14, "kto": 12, "rejection_sampling": 12,
+             "iterative": 36, "ppo": 8, "ppo_ptx": 11, "ppo_safety_constrained": 19, "grpo": 8, "rloo": 7,
+             "critic": 69, "gold-judge evaluation": 2},
     "tiny": {"pretraining": 8, "supervised fine-tuning": 1, "comparison data": 2, "reward models": 2,
              "sample the SFT policy": 1, "best_of_n": 3, "dpo": 2, "ipo": 2, "kto": 2, "rejection_sampling": 2,
              "iterative": 5, "ppo": 2, "ppo_ptx": 2, "ppo_safety_constrained": 4, "grpo": 2, "rloo": 2, "critic": 10,
