@@ -102,12 +102,18 @@ GENERATION_BATCH = 256
 def sample(model_dir: Path, tokenizer, prompts, n: int, seed: int, max_new_tokens: int, temperature: float = 1.0):
     """``n`` samples per prompt (consecutive) from the policy in ``model_dir``: (model, generations)."""
     from alignkit.models.loading import load_causal_lm
-    from alignkit.rollout.generate import SamplingConfig, make_generator
 
     model = load_causal_lm(ModelConfig(path=str(model_dir)), trainable=False)
+    return model, generate(model, tokenizer, prompts, n, seed, max_new_tokens, temperature)
+
+
+def generate(model, tokenizer, prompts, n: int, seed: int, max_new_tokens: int, temperature: float = 1.0):
+    """``n`` samples per prompt (consecutive) from a loaded policy ``model``: its generations."""
+    from alignkit.rollout.generate import SamplingConfig, make_generator
+
     gen = make_generator(model, tokenizer, SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                                        generation_batch_size=GENERATION_BATCH))
-    return model, gen.generate([messages(p.text) for p in prompts], n=n, seed=seed)
+    return gen.generate([messages(p.text) for p in prompts], n=n, seed=seed)
 
 
 def sft_samples(ctx: Context, n: int):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from alignkit.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 
-from .context import Context, messages, read_jsonl, run_config, sample, write_jsonl
+from .context import Context, generate, messages, read_jsonl, run_config, sample, write_jsonl
 from .labels import ADVERSARIAL, balanced_prompts
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def policy_from_dir(ctx: Context, name: str, policy_dir: Path) -> None:
     extra = s.harmful_eval_samples - s.eval_samples
     if extra > 0:  # more samples of the harmful prompts, for the violation rate alone (Scale.harmful_eval_samples)
         harmful = ctx.world.prompts("harmful", "heldout")
-        _, more = sample(policy_dir, ctx.tokenizer, harmful, extra, ctx.cfg.seed + 303, s.max_new_tokens)
+        more = generate(model, ctx.tokenizer, harmful, extra, ctx.cfg.seed + 303, s.max_new_tokens)
         ctx.policies[name]["violation_extra"] = {"prompts": [harmful[i] for i in more.prompt_index], "texts": more.texts}
 
 
