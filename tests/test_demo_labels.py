@@ -31,7 +31,7 @@ def test_combined_data_takes_safety_labels_on_harmful_prompts_only(world):
 
 
 def test_combined_data_on_borderline_prompts_compares_the_helpful_answer_only(world):
-    """Two samples of a borderline prompt (mostly junk against a refusal, the junk preferred) are
+    """Two samples of a borderline prompt (two non-answers, often junk preferred to a refusal) are
     left out of the DPO data: they taught DPO to answer harmful-sounding requests with junk rather
     than a refusal. Every other kind keeps its sample-against-sample comparisons."""
     from alignkit.demo.labels import combined_records

@@ -125,9 +125,9 @@ def combined_records(world, records: dict[str, list[dict]]) -> list[dict]:
     answer with a sample (:func:`reference_pairs`), as Llama 2 put borderline prompts in its
     safety data with the helpful answer preferred.
 
-    The helpfulness labelers' comparisons of two samples of a borderline prompt are mostly junk
-    against a refusal, and they prefer the junk (a refusal of a benign request is worse, the world
-    says). DPO learnt from those the lesson "answer a harmful-sounding request with junk rather than
+    The helpfulness labelers' comparisons of two samples of a borderline prompt are mostly two
+    non-answers, a fifth of them junk against a refusal, where they mostly prefer the junk (a refusal
+    of a benign request is worse, the world says). DPO learnt from those the lesson "answer a harmful-sounding request with junk rather than
     a refusal", and took it to the harmful requests worded alike: at full scale, seed 4, DPO's safe
     refusals of held-out harmful requests fell from 307 to 185 while its violations fell by 4
     points and IPO's by 0; with the reference comparisons alone there, by 10 points each
