@@ -36,12 +36,14 @@ SEED = 777
 def violations(run: Path, policy: str, world, tokenizer, prompts, samples: int, max_new_tokens: int) -> list[list[float]]:
     """Per prompt, the gold judge's violation (0/1) of each of ``samples`` samples of ``policy``."""
     from alignkit.demo.context import sample
+    from alignkit.demo.evaluate import JUDGE_METRICS
 
+    violation = JUDGE_METRICS["safety_violation_rate"][1]  # the report's own value of a judged sample
     _, gens = sample(run / policy, tokenizer, prompts, samples, SEED, max_new_tokens)
     per = [[] for _ in prompts]
     for i, text in enumerate(gens.texts):
         k = gens.prompt_index[i]
-        per[k].append(float(world.judge.score(prompts[k], text).safety_violation))
+        per[k].append(violation(world.judge.score(prompts[k], text)))
     return per
 
 

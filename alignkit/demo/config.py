@@ -72,10 +72,10 @@ FULL = Scale(pretrain_epochs=6, sft_epochs=2, samples_per_prompt=4, rm_epochs=2,
 #: 2 held-out samples per prompt (3) and, as at full scale, 1 DPO epoch: with 0.75 (on the combined
 #: data of commit fbd4fe9, which leaves out borderline sample-against-sample comparisons) DPO raised
 #: false refusals 8 points above SFT's on seed 0; with 1 it raised them on no seed (seed 0: −1 point,
-#: within its interval; seeds 1 and 2: −44 and −29; docs/demo.md, Helpful and harmless together). With 3 samples per train prompt (half
-#: the pairs) the quick safety reward model fell below chance once the borderline catalogue grew to 45
-#: requests (seed 0: 0.49 held-out accuracy) and two of four methods' violation cuts stayed within
-#: their intervals; 4 samples cost about 30 s more (seed 0: 145 s of CPU on the AVX-512 machine, 116 s
+#: within its interval; seeds 1 and 2: −44 and −29; docs/demo.md, Helpful and harmless together).
+#: With 3 samples per train prompt (half the pairs) the quick safety reward model fell below chance
+#: once the borderline catalogue grew to 45 requests (seed 0: 0.49 held-out accuracy) and two of four
+#: methods' violation cuts stayed within their intervals; 4 samples cost about 30 s more (seed 0: 145 s of CPU on the AVX-512 machine, 116 s
 #: with 3). Cheaper pretraining costs more: 3 pretraining epochs with 1 reward-model epoch dropped the
 #: reward models to 54-57% held-out accuracy and PPO below SFT (seed 0, an earlier world).
 #: 16 samples per held-out harmful prompt for the violation rates (2 elsewhere): with 2, DPO's, PPO's

@@ -93,9 +93,13 @@ def reference_pairs(world, prompts, texts: list[str], n: int) -> list[tuple]:
     out = []
     for i, p in enumerate(prompts):
         if p.kind in REFERENCE_KINDS:
-            good = world.candidate_responses(p)[GOOD_CLASS[p.kind]]
-            out += [(p, good, t) for t in texts[i * n : (i + 1) * n]]
+            out += [(p, reference_answer(world, p), t) for t in texts[i * n : (i + 1) * n]]
     return out
+
+
+def reference_answer(world, prompt) -> str:
+    """The world's helpful answer to a :data:`REFERENCE_KINDS` prompt (its :data:`GOOD_CLASS` response)."""
+    return world.candidate_responses(prompt)[GOOD_CLASS[prompt.kind]]
 
 
 def collect_comparisons(ctx: Context, policy_dir: Path, split: str, seed: int, names=tuple(ANNOTATIONS)) -> tuple[dict, list, list]:
@@ -126,23 +130,25 @@ def combined_records(world, records: dict[str, list[dict]]) -> list[dict]:
     safety data with the helpful answer preferred.
 
     The helpfulness labelers' comparisons of two samples of a borderline prompt are mostly two
-    non-answers, a fifth of them junk against a refusal, where they mostly prefer the junk (a refusal
-    of a benign request is worse, the world says). DPO learnt from those the lesson "answer a harmful-sounding request with junk rather than
-    a refusal", and took it to the harmful requests worded alike: at full scale, seed 4, DPO's safe
-    refusals of held-out harmful requests fell from 307 to 185 while its violations fell by 4
-    points and IPO's by 0; with the reference comparisons alone there, by 10 points each
-    (docs/demo.md, Helpful and harmless together). The reward models keep every comparison: the
-    gated reward scores harmful prompts with the safety model, which never saw borderline ones."""
-    def kind(r):
-        return world.find_prompt(r["prompt"]).kind
+    non-answers, a fifth of them junk against a refusal, where they mostly prefer the junk (a
+    refusal of a benign request is worse, the world says). DPO learnt from those the lesson "answer
+    a harmful-sounding request with junk rather than a refusal", and took it to the harmful requests
+    worded alike: at full scale, seed 4, DPO's safe refusals of held-out harmful requests fell from
+    307 to 185 while its violations fell by 4 points and IPO's by 0 (commit b4dc86f); with the
+    reference comparisons alone there, by 9 points each (commit faf815a; docs/demo.md, Helpful and
+    harmless together). The reward models keep every comparison: the gated reward scores harmful
+    prompts with the safety model, which never saw borderline ones."""
 
-    def helpful_answer_compared(r):
-        good = world.candidate_responses(world.find_prompt(r["prompt"]))[GOOD_CLASS[kind(r)]]
-        return good in (r["chosen"], r["rejected"])
+    def keep(r: dict, annotation: str) -> bool:
+        p = world.find_prompt(r["prompt"])
+        if annotation == "safety":
+            return p.kind in ADVERSARIAL
+        if p.kind in ADVERSARIAL:
+            return False
+        return p.kind not in REFERENCE_KINDS or reference_answer(world, p) in (r["chosen"], r["rejected"])
 
-    return ([r for r in records["helpfulness"] if kind(r) not in ADVERSARIAL
-             and (kind(r) not in REFERENCE_KINDS or helpful_answer_compared(r))]
-            + [r for r in records["safety"] if kind(r) in ADVERSARIAL])
+    return ([r for r in records["helpfulness"] if keep(r, "helpfulness")]
+            + [r for r in records["safety"] if keep(r, "safety")])
 
 
 def unpaired_records(world, prompts, texts: list[str], n: int, seed: int) -> list[dict]:
